@@ -1,0 +1,20 @@
+"""What every stage's `main` shares: logging set-up and the one-line error for bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input the user can fix: printed as one line, no traceback, exit status 1."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

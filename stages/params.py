@@ -1,0 +1,81 @@
+"""The one typed loader for params.yaml, used by every stage.
+
+Defaults live in params.yaml, not here: every field is required, so a missing key is as loud
+as an unknown one. pydantic does the checking; `load_params` turns its report into one line
+that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.cli import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class DataParams(Strict):
+    url: str = Field(min_length=1)
+    sha256: Optional[str] = Field(pattern=r"^[0-9a-f]{64}$")
+    timeout: PositiveFloat
+    retries: Annotated[int, Field(ge=0, le=20)]
+    retry_backoff: Annotated[float, Field(ge=0)]
+    max_unpacked_mb: PositiveFloat
+    max_members: Annotated[int, Field(ge=1)]
+
+
+class IndexParams(Strict):
+    seed: int
+    val_fraction: Fraction
+    split_ratios: tuple[Fraction, Fraction, Fraction]
+    max_pixels: Annotated[int, Field(ge=1)]
+    workers: Annotated[int, Field(ge=0)]
+
+    @field_validator("split_ratios")
+    @classmethod
+    def ratios_sum_to_one(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+            raise ValueError(f"must be three fractions (train, val, test) summing to 1, got sum {sum(ratios):g}")
+        return ratios
+
+
+class Params(Strict):
+    data: DataParams
+    index: IndexParams
+
+
+def format_validation_error(error: ValidationError, source: Path) -> str:
+    """The first problem as one line: `params.yaml: index.seed: Input should be ... (got 'x')`."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; remove it or fix its spelling (see README, Parameters)"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{key}'; add it (see README, Parameters)"
+    return f"{source}: {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run from the project root, where params.yaml lives") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return Params.model_validate(raw if raw is not None else {})
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, path)) from None

@@ -1,0 +1,59 @@
+"""The typed params loader: every stage stops on a bad params.yaml before doing any work."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.cli import UserError
+from stages.params import load_params
+from tests.conftest import PROJECT_ROOT
+
+
+def test_project_params_load():
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    assert params.index.split_ratios == (0.6, 0.2, 0.2)
+    assert params.data.url.endswith("hymenoptera_data.zip")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"index": {"sede": 1}}, "unknown key 'index.sede'"),
+        ({"extra": {"a": 1}}, "unknown key 'extra'"),
+        ({"index": {"seed": "forty"}}, "index.seed: Input should be a valid integer"),
+        ({"index": {"val_fraction": 1.5}}, "index.val_fraction: Input should be less than 1"),
+        ({"index": {"split_ratios": [0.5, 0.2, 0.2]}}, "index.split_ratios: Value error, must be three fractions"),
+        ({"data": {"retries": -1}}, "data.retries: Input should be greater than or equal to 0"),
+        ({"data": {"sha256": "abc"}}, "data.sha256: String should match pattern"),
+    ],
+)
+def test_bad_params_name_the_key(project, overrides, message):
+    project(**overrides)
+    with pytest.raises(UserError) as err:
+        load_params()
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_key_is_named(project):
+    root = project()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    del params["data"]["timeout"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match="missing key 'data.timeout'"):
+        load_params()
+
+
+def test_stage_prints_one_line_and_writes_nothing(project):
+    root = project(index={"seed": "x"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.download"], cwd=root, capture_output=True, text=True,
+        env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer (got 'x')"
+    ]
+    assert not (root / "data").exists()
