@@ -84,11 +84,16 @@ def split_folders(folder: Path) -> dict[str, Path]:
 
 
 def find_dataset_root(raw: Path) -> Path:
-    """Descend through single wrapper folders (the archive's top folder) to the dataset."""
+    """Descend through wrapper folders (the archive's top folder) to the dataset.
+
+    A lone subfolder holding images itself is a class, not a wrapper: stop above it.
+    """
     folder = raw
     while True:
         dirs, files = visible_children(folder)
-        if split_folders(folder) or len(dirs) != 1 or any(is_image_name(f) for f in files):
+        if split_folders(folder) or len(dirs) != 1 or any(map(is_image_name, files)):
+            return folder
+        if any(map(is_image_name, visible_children(dirs[0])[1])):
             return folder
         folder = dirs[0]
 

@@ -1,0 +1,227 @@
+"""Stage `index`: layouts, validation of every image, duplicates, seeded stratified splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages import index
+from stages.cli import UserError
+from tests.conftest import distinct_color, image_bytes, make_image_tree, write_image
+
+
+def run_index(root: Path) -> tuple[pd.DataFrame, dict]:
+    index.main()
+    table = pd.read_csv(root / "data/index.csv", keep_default_na=False)
+    return table, json.loads((root / "metrics/data.json").read_text())
+
+
+def skipped_reasons(summary: dict) -> dict[str, str]:
+    return {entry["path"]: entry["reason"] for entry in summary["skipped_files"]}
+
+
+def split_counts(table: pd.DataFrame) -> dict[tuple[str, str], int]:
+    return table.groupby(["split", "class"]).size().to_dict()
+
+
+def test_predefined_train_val_val_becomes_test(project):
+    root = project()
+    raw = root / "data/raw/archive_top"
+    n = make_image_tree(raw / "train", {"ants": 10, "bees": 10})
+    make_image_tree(raw / "val", {"ants": 4, "bees": 5}, start=n)
+    table, summary = run_index(root)
+    assert list(table.columns) == ["path", "class", "label", "split", "sha256", "width", "height"]
+    assert split_counts(table) == {
+        ("test", "ants"): 4, ("test", "bees"): 5,
+        ("train", "ants"): 8, ("train", "bees"): 8,
+        ("val", "ants"): 2, ("val", "bees"): 2,
+    }
+    # The archive's val folder is exactly the test split: model selection never sees it.
+    assert set(table.loc[table.split == "test", "path"]) == {
+        p.relative_to(root / "data/raw").as_posix() for p in (raw / "val").rglob("*.png")
+    }
+    assert summary["layout"] == "predefined"
+    assert summary["counts"]["test"] == {"ants": 4, "bees": 5, "total": 9}
+    assert json.loads((root / "data/classes.json").read_text()) == ["ants", "bees"]
+    assert dict(zip(table["class"], table["label"])) == {"ants": 0, "bees": 1}
+    assert (table.width == 24).all() and (table.height == 16).all()
+
+
+@pytest.mark.parametrize("names", [("Training", "Valid", "Test"), ("train", "validation", "testing")])
+def test_predefined_three_splits_are_respected(project, names):
+    root = project()
+    raw = root / "data/raw"
+    n = make_image_tree(raw / names[0], {"a": 5, "b": 5})
+    n = make_image_tree(raw / names[1], {"a": 2, "b": 2}, start=n)
+    make_image_tree(raw / names[2], {"a": 3, "b": 3}, start=n)
+    table, _ = run_index(root)
+    for folder, split in zip(names, ("train", "val", "test")):
+        assert set(table.loc[table.path.str.startswith(folder + "/"), "split"]) == {split}
+
+
+def test_predefined_train_and_test_carves_val_from_train(project):
+    root = project(index={"val_fraction": 0.25})
+    n = make_image_tree(root / "data/raw/train", {"a": 8, "b": 8})
+    make_image_tree(root / "data/raw/test", {"a": 2, "b": 2}, start=n)
+    table, _ = run_index(root)
+    assert split_counts(table) == {("test", "a"): 2, ("test", "b"): 2, ("train", "a"): 6,
+                                   ("train", "b"): 6, ("val", "a"): 2, ("val", "b"): 2}
+
+
+def test_flat_layout_is_split_by_ratios_within_one_image_per_class(project):
+    root = project()
+    sizes = {"c1": 7, "c2": 10, "c3": 13, "c4": 23}
+    make_image_tree(root / "data/raw/my photos", sizes)
+    table, summary = run_index(root)
+    assert summary["layout"] == "flat"
+    counts = split_counts(table)
+    for name, n in sizes.items():
+        for split, ratio in zip(("train", "val", "test"), (0.6, 0.2, 0.2)):
+            assert abs(counts[(split, name)] - n * ratio) <= 1, (name, split)
+        assert sum(counts[(s, name)] for s in ("train", "val", "test")) == n
+
+
+def test_same_seed_same_bytes_other_seed_other_shuffle(project):
+    root = project()
+    make_image_tree(root / "data/raw", {"a": 12, "b": 12})
+    index.main()
+    first = (root / "data/index.csv").read_bytes()
+    index.main()
+    assert (root / "data/index.csv").read_bytes() == first
+    project(index={"seed": 7})
+    index.main()
+    other = (root / "data/index.csv").read_bytes()
+    assert other != first
+    assert sorted(other.splitlines()[1:]) != sorted(first.splitlines()[1:])  # another split, not just order
+
+
+def test_bad_images_are_skipped_with_their_reason(project):
+    root = project(index={"max_pixels": 1_000_000})
+    raw = root / "data/raw"
+    make_image_tree(raw, {"a": 5, "b": 5})
+    good_jpeg = image_bytes(size=(64, 64))
+    (raw / "a/truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (raw / "a/notes.jpg").write_text("this is not an image")
+    (raw / "a/empty.png").write_bytes(b"")
+    write_image(raw / "b/bomb.png", size=(1200, 1000), fmt="PNG")
+    (raw / "b/readme.txt").write_text("hello")
+    table, summary = run_index(root)
+    reasons = skipped_reasons(summary)
+    assert reasons["a/truncated.jpg"].startswith("corrupt or truncated image")
+    assert reasons["a/notes.jpg"] == "not an image"
+    assert reasons["a/empty.png"] == "empty file"
+    assert reasons["b/bomb.png"] == "decompression bomb: 1200x1000 pixels is over index.max_pixels (1000000)"
+    assert reasons["b/readme.txt"] == "unsupported file type '.txt'"
+    assert summary["skipped"] == 5 and len(table) == 10
+    assert not set(reasons) & set(table.path)
+
+
+def test_names_extensions_and_litter(project):
+    root = project()
+    raw = root / "data/raw"
+    make_image_tree(raw, {"a": 4, "b": 4})
+    write_image(raw / "a/Überfall mit Leerzeichen, und Komma.JPG", color=(1, 2, 3))
+    write_image(raw / "a/deep/nested/photo.Jpeg", color=(4, 5, 6))
+    write_image(raw / "b/picture.webp", color=(7, 8, 9), fmt="WEBP")
+    write_image(raw / "b/picture.bmp", color=(10, 11, 12), fmt="BMP")
+    write_image(raw / "b/picture.GIF", color=(13, 14, 15), fmt="GIF")
+    for litter in ("__MACOSX/a/._x.jpg", "a/.DS_Store", "b/Thumbs.db", "a/.hidden.jpg"):
+        (raw / litter).parent.mkdir(parents=True, exist_ok=True)
+        (raw / litter).write_bytes(b"litter")
+    table, summary = run_index(root)
+    assert summary["skipped"] == 0
+    assert {"a/Überfall mit Leerzeichen, und Komma.JPG", "a/deep/nested/photo.Jpeg", "b/picture.webp",
+            "b/picture.bmp", "b/picture.GIF"} <= set(table.path)
+    assert len(table) == 13 and summary["classes"] == 2
+
+
+def test_duplicates_across_split_folders_keep_the_held_out_copy(project):
+    root = project()
+    raw = root / "data/raw"
+    n = make_image_tree(raw / "train", {"a": 10, "b": 10})
+    make_image_tree(raw / "val", {"a": 3, "b": 3}, start=n)
+    copy = (raw / "train/a/img_0000.png").read_bytes()
+    (raw / "val/a/copy_of_train.png").write_bytes(copy)
+    (raw / "train/a/second_copy.png").write_bytes(copy)
+    table, summary = run_index(root)
+    reasons = skipped_reasons(summary)
+    assert reasons["train/a/img_0000.png"] == "duplicate of val/a/copy_of_train.png"
+    assert reasons["train/a/second_copy.png"] == "duplicate of val/a/copy_of_train.png"
+    assert table.loc[table.path == "val/a/copy_of_train.png", "split"].item() == "test"
+    assert table.groupby("sha256")["split"].nunique().max() == 1
+    assert table.sha256.is_unique
+
+
+def test_identical_files_under_two_classes_are_a_label_conflict(project):
+    root = project()
+    raw = root / "data/raw"
+    make_image_tree(raw, {"a": 5, "b": 5})
+    (raw / "b/same_as_a.png").write_bytes((raw / "a/img_0000.png").read_bytes())
+    table, summary = run_index(root)
+    reasons = skipped_reasons(summary)
+    assert reasons["a/img_0000.png"].startswith("label conflict: identical files under classes ['a', 'b']")
+    assert reasons["b/same_as_a.png"] == reasons["a/img_0000.png"]
+    assert len(table) == 9
+
+
+def test_no_content_hash_in_two_splits_with_many_duplicates(project):
+    root = project()
+    raw = root / "data/raw"
+    make_image_tree(raw, {"a": 15, "b": 15})
+    for i in range(10):
+        write_image(raw / "a" / f"dup_{i}.png", color=distinct_color(i % 3), fmt="PNG")
+    table, _ = run_index(root)
+    assert table.sha256.is_unique
+
+
+def test_error_no_class_folders(project):
+    root = project()
+    write_image(root / "data/raw/lonely.jpg")
+    with pytest.raises(UserError, match="no class folders found"):
+        index.main()
+
+
+def test_error_single_class(project):
+    root = project()
+    make_image_tree(root / "data/raw/top/only", {"cats": 5})
+    with pytest.raises(UserError, match=r"only one class folder \('cats'\); a classifier needs at least two"):
+        index.main()
+
+
+def test_error_too_few_images(project):
+    root = project()
+    make_image_tree(root / "data/raw", {"a": 10, "b": 2})
+    with pytest.raises(UserError, match=r"class 'b' has 2 usable images, too few to split into train/val/test"):
+        index.main()
+
+
+def test_error_split_folders_with_different_classes(project):
+    root = project()
+    n = make_image_tree(root / "data/raw/train", {"a": 5, "b": 5})
+    make_image_tree(root / "data/raw/val", {"a": 2, "c": 2}, start=n)
+    with pytest.raises(UserError, match=r"val: class folders \['a', 'c'\] differ from train's \['a', 'b'\]"):
+        index.main()
+
+
+def test_error_class_without_usable_images(project):
+    root = project()
+    make_image_tree(root / "data/raw", {"a": 5, "b": 5})
+    (root / "data/raw/c").mkdir()
+    (root / "data/raw/c/broken.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"class folder 'c' has no usable images"):
+        index.main()
+    assert not (root / "data/index.csv").exists()
+
+
+def test_parallel_and_serial_validation_agree(project):
+    root = project(index={"workers": 1})
+    make_image_tree(root / "data/raw", {"a": 6, "b": 6})
+    (root / "data/raw/a/bad.jpg").write_bytes(b"junk")
+    index.main()
+    serial = (root / "data/index.csv").read_bytes(), (root / "metrics/data.json").read_bytes()
+    project(index={"workers": 2})
+    index.main()
+    assert ((root / "data/index.csv").read_bytes(), (root / "metrics/data.json").read_bytes()) == serial
