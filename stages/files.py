@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -9,6 +10,23 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch_atomic(target: Path, obj: Any) -> None:
+    """torch.save, byte-identical for identical content: torch names the archive's inner
+    folder after the file, so a temporary file's random name would leak into the bytes."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 @contextmanager
@@ -20,6 +38,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs are not
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

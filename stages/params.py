@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.cli import UserError
 
@@ -25,6 +25,7 @@ class Strict(BaseModel):
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+UnitInterval = Annotated[float, Field(gt=0, le=1)]
 
 
 class DataParams(Strict):
@@ -52,9 +53,79 @@ class IndexParams(Strict):
         return ratios
 
 
+class ModelParams(Strict):
+    backbone: str = Field(min_length=1)
+    weights: str = Field(min_length=1)
+    head: Literal["linear", "mlp"]
+    hidden: Annotated[int, Field(ge=1)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class AugmentParams(Strict):
+    crop_scale: tuple[UnitInterval, UnitInterval]
+    hflip: Annotated[float, Field(ge=0, le=1)]
+    rotation: Annotated[float, Field(ge=0, le=180)]
+    color_jitter: Annotated[float, Field(ge=0, le=1)]
+
+    @field_validator("crop_scale")
+    @classmethod
+    def ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError(f"must be [min, max] with min <= max, got {list(scale)}")
+        return scale
+
+
+class FeaturesParams(Strict):
+    views: Annotated[int, Field(ge=0, le=64)]
+    batch_size: Annotated[int, Field(ge=1)]
+    seed: int
+
+
+class TrainParams(Strict):
+    epochs: Annotated[int, Field(ge=0)]
+    head_epochs: Annotated[int, Field(ge=0)]
+    batch_size: Annotated[int, Field(ge=1)]
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: PositiveFloat
+    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    scheduler: Literal["step", "cosine", "onecycle", "none"]
+    step_size: Annotated[int, Field(ge=1)]
+    gamma: Annotated[float, Field(gt=0, le=1)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    freeze_bn: bool
+    patience: Annotated[int, Field(ge=0)]
+    seed: int
+    workers: Annotated[int, Field(ge=0)]
+    amp: bool
+    channels_last: bool
+    compile: bool
+
+
+class EvaluateParams(Strict):
+    tta: Literal["none", "hflip"]
+    batch_size: Annotated[int, Field(ge=1)]
+    grid_images: Annotated[int, Field(ge=1, le=64)]
+
+
 class Params(Strict):
+    strategy: Literal["finetune", "frozen", "gradual", "scratch"]
     data: DataParams
     index: IndexParams
+    model: ModelParams
+    augment: AugmentParams
+    features: FeaturesParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def strategy_has_epochs(self) -> "Params":
+        needs = {"frozen": ("head_epochs",), "gradual": ("head_epochs",), "finetune": ("epochs",), "scratch": ("epochs",)}
+        for key in needs[self.strategy]:
+            if getattr(self.train, key) < 1:
+                raise ValueError(f"strategy {self.strategy} needs train.{key} >= 1")
+        return self
 
 
 def format_validation_error(error: ValidationError, source: Path) -> str:

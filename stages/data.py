@@ -1,0 +1,108 @@
+"""Images on their way into a network: the index, decoding, transforms and loaders."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from stages.cli import UserError
+from stages.models import Preprocessing
+from stages.params import AugmentParams
+
+RAW_DIR = Path("data/raw")
+INDEX_CSV = Path("data/index.csv")
+CLASSES_JSON = Path("data/classes.json")
+
+
+def read_classes() -> list[str]:
+    if not CLASSES_JSON.is_file():
+        raise UserError(f"{CLASSES_JSON}: not found; run the index stage first (dvc repro)")
+    return json.loads(CLASSES_JSON.read_text(encoding="utf-8"))
+
+
+def read_split(split: str) -> pd.DataFrame:
+    """The index rows of one split, in the index's (seeded, shuffled) order."""
+    if not INDEX_CSV.is_file():
+        raise UserError(f"{INDEX_CSV}: not found; run the index stage first (dvc repro)")
+    table = pd.read_csv(INDEX_CSV, keep_default_na=False)
+    rows = table[table["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise UserError(f"{INDEX_CSV}: the {split} split is empty; check the index stage's output")
+    return rows
+
+
+def load_image(path: Path, min_size: int | None = None) -> Image.Image:
+    """Decode an RGB image; with `min_size`, let a JPEG decode at a reduced scale no smaller
+    than that, which is several times faster for large photos and loses nothing we keep."""
+    with Image.open(path) as image:
+        if min_size is not None:
+            image.draft("RGB", (min_size, min_size))
+        return image.convert("RGB")
+
+
+def normalize(prep: Preprocessing) -> T.Compose:
+    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)])
+
+
+def eval_transform(prep: Preprocessing) -> T.Compose:
+    interpolation = InterpolationMode(prep.interpolation)
+    return T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size), normalize(prep)])
+
+
+def train_transform(prep: Preprocessing, augment: AugmentParams) -> T.Compose:
+    interpolation = InterpolationMode(prep.interpolation)
+    steps = [
+        T.RandomResizedCrop(prep.input_size, scale=tuple(augment.crop_scale), interpolation=interpolation),
+        T.RandomHorizontalFlip(augment.hflip),
+    ]
+    if augment.rotation:
+        steps.append(T.RandomRotation(augment.rotation, interpolation=interpolation))
+    if augment.color_jitter:
+        steps.append(T.ColorJitter(augment.color_jitter, augment.color_jitter, augment.color_jitter))
+    return T.Compose(steps + [normalize(prep)])
+
+
+class ImageDataset(Dataset):
+    """Rows of the index as (image tensor, label) pairs."""
+
+    def __init__(self, rows: pd.DataFrame, transform, decode_size: int | None):
+        self.paths = [RAW_DIR / p for p in rows["path"]]
+        self.labels = rows["label"].tolist()
+        self.transform = transform
+        self.decode_size = decode_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.paths[i], self.decode_size)), self.labels[i]
+
+
+def decode_size(prep: Preprocessing) -> int:
+    # Random crops may zoom in: keep twice the network's input so they stay sharp.
+    return 2 * prep.resize_size
+
+
+def seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed is derived from the loader's generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        worker_init_fn=seed_worker, persistent_workers=workers > 0, pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )

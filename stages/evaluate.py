@@ -1,0 +1,108 @@
+"""Stage `evaluate`: the best checkpoint on the test split, the only place the test split is read.
+
+Writes the test metrics (metrics/eval.json), every prediction with its class probabilities
+(metrics/predictions.csv), the confusion matrix as a DVC plot, and two pictures: a grid of test
+images titled predicted vs true, and a gallery of the misclassified ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from stages.cli import run_stage
+from stages.data import RAW_DIR, ImageDataset, decode_size, eval_transform, make_loader, read_split
+from stages.files import atomic_path, write_json_atomic
+from stages.models import Preprocessing, classifier_from_checkpoint, load_checkpoint, pick_device
+from stages.params import load_params
+from stages.plots import save_image_grid
+from stages.train import MODEL, predict, summarize
+
+log = logging.getLogger("evaluate")
+
+EVAL_JSON = Path("metrics/eval.json")
+PREDICTIONS_CSV = Path("metrics/predictions.csv")
+EVAL_DIR = Path("metrics/eval")
+CONFUSION_CSV = EVAL_DIR / "confusion.csv"
+GRID_PNG = EVAL_DIR / "predictions.png"
+MISCLASSIFIED_PNG = EVAL_DIR / "misclassified.png"
+
+
+def score_test_predictions(probs, labels, classes: list[str]) -> dict:
+    loss, _ = summarize(probs, labels)
+    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    ids = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "loss": loss,
+        "images": int(len(y_true)),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(classes)
+        },
+    }
+
+
+def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataFrame:
+    predicted = probs.argmax(1).numpy()
+    table = pd.DataFrame({
+        "path": rows["path"],
+        "true": rows["class"],
+        "predicted": [classes[i] for i in predicted],
+        "probability": probs.max(1).values.numpy().round(6),
+    })
+    for i, name in enumerate(classes):
+        table[f"prob_{name}"] = probs[:, i].numpy().round(6)
+    return table
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
+    def titled(rows: pd.DataFrame):
+        return (
+            [RAW_DIR / p for p in rows["path"]],
+            [f"predicted: {p} ({q:.2f})\ntrue: {t}" for p, q, t in zip(rows["predicted"], rows["probability"], rows["true"])],
+            ["tab:green" if p == t else "tab:red" for p, t in zip(rows["predicted"], rows["true"])],
+        )
+
+    save_image_grid(*titled(table.head(grid_images)), GRID_PNG, "test predictions (green: right, red: wrong)")
+    wrong = table[table["predicted"] != table["true"]].sort_values("probability", ascending=False)
+    save_image_grid(*titled(wrong.head(grid_images)), MISCLASSIFIED_PNG,
+                    f"misclassified: {len(wrong)} of {len(table)} (most confident first)")
+
+
+def main() -> None:
+    params = load_params().evaluate
+    checkpoint = load_checkpoint(MODEL)
+    classes = checkpoint["classes"]
+    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
+    device = pick_device()
+    model = classifier_from_checkpoint(checkpoint).to(device)
+    rows = read_split("test")
+    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, False, 0, 0,
+                         device.type == "cuda")
+    probs, labels = predict(model, loader, device, params.tta, desc="testing")
+
+    metrics = score_test_predictions(probs, labels, classes)
+    metrics["tta"] = params.tta
+    metrics["best_epoch"] = checkpoint["epoch"]
+    write_json_atomic(EVAL_JSON, metrics)
+    table = predictions_table(rows, probs, classes)
+    write_csv(table, PREDICTIONS_CSV)
+    write_csv(table[["true", "predicted"]].rename(columns={"true": "actual"}), CONFUSION_CSV)
+    save_pictures(table, params.grid_images)
+    log.info("test: accuracy %.4f, macro-F1 %.4f, loss %.4f on %d images (model from epoch %d)",
+             metrics["accuracy"], metrics["macro_f1"], metrics["loss"], metrics["images"], checkpoint["epoch"])
+
+
+if __name__ == "__main__":
+    run_stage(main)
