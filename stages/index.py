@@ -15,7 +15,7 @@ import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -193,7 +193,9 @@ def inspect_all(images: list[Candidate], raw: Path, max_pixels: int, workers: in
         disable_pil_pixel_limit()
         yield from tqdm(map(inspect_file, jobs), **progress)
         return
-    with Pool(workers, initializer=disable_pil_pixel_limit) as pool:
+    # spawn, not fork: forking a process that already runs threads (torch's, in the tests or a
+    # notebook) can deadlock the children on a lock held at fork time.
+    with get_context("spawn").Pool(workers, initializer=disable_pil_pixel_limit) as pool:
         yield from tqdm(pool.imap(inspect_file, jobs, chunksize=8), **progress)
 
 

@@ -14,6 +14,7 @@ never read here.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 from contextlib import nullcontext
@@ -112,6 +113,20 @@ def build_optimizer(groups: list[dict], params: TrainParams) -> torch.optim.Opti
     return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
 
 
+def one_cycle(total: int, warmup: float = 0.25, start: float = 0.04):
+    """The one-cycle shape as a factor of each group's lr: linear warm-up from `start` over the
+    first quarter, then cosine annealing to zero. torch's OneCycleLR divides by zero on runs of a
+    few steps, which tiny datasets produce."""
+    warm = max(1, round(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return start + (1 - start) * step / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int, epochs: int):
     """A scheduler stepped once per batch."""
     total = steps_per_epoch * epochs
@@ -120,8 +135,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps
     if params.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     if params.scheduler == "onecycle":
-        peaks = [group["lr"] for group in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, peaks, total_steps=total, pct_start=0.25)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 

@@ -45,6 +45,17 @@ def write_image(path: Path, color=(200, 30, 30), size=(24, 16), fmt="JPEG") -> P
     return path
 
 
+def write_gradient_image(path: Path, color: tuple[int, int, int], size=(40, 30)) -> Path:
+    """A colour fading to black from left to right: crops and flips of it differ."""
+    import numpy as np
+
+    fade = np.linspace(1.0, 0.2, size[0])[None, :, None]
+    pixels = (np.array(color)[None, None, :] * fade * np.ones((size[1], 1, 1))).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 def distinct_color(i: int) -> tuple[int, int, int]:
     """Colours that differ per image, so no two generated images share a content hash."""
     return (i * 37 % 256, i * 91 % 256, (i * 13 + i // 256) % 256)
@@ -68,3 +79,53 @@ def zip_tree(source: Path, dest: Path) -> Path:
         for path in sorted(source.rglob("*")):
             archive.write(path, path.relative_to(source).as_posix())
     return dest
+
+
+# --- a tiny training project: generated images and a tiny randomly initialised backbone ------
+
+TINY_BACKBONE = "timm:test_efficientnet"
+
+
+def tiny_training_params(weights: str, **overrides) -> dict:
+    params = {
+        "strategy": "frozen",
+        "model": {"backbone": TINY_BACKBONE, "weights": weights},
+        "features": {"views": 1, "batch_size": 16},
+        "train": {"epochs": 2, "head_epochs": 3, "batch_size": 8, "workers": 0, "lr": 0.01},
+        "evaluate": {"batch_size": 16, "grid_images": 4},
+    }
+    return deep_merge(params, overrides)
+
+
+def write_random_backbone(path: Path, seed: int = 0) -> Path:
+    """A state dict for the tiny backbone, standing in for downloaded pretrained weights."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY_BACKBONE.removeprefix("timm:"), pretrained=False)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_project(project, tmp_path_factory):
+    """Run download-free data stages on generated images; returns (root, make_params)."""
+    from stages import features, index, weights
+
+    weights_file = write_random_backbone(tmp_path_factory.mktemp("weights") / "tiny_backbone.pt")
+
+    def make(run_features: bool = True, **overrides) -> Path:
+        root = project(**tiny_training_params(str(weights_file), **overrides))
+        if not (root / "data/raw").exists():
+            # Two visually distinct classes, so that even a tiny network can learn something.
+            for i in range(14):
+                write_gradient_image(root / f"data/raw/red/r_{i:02d}.png", (200 + i, 20, 20 + i))
+                write_gradient_image(root / f"data/raw/blue/b_{i:02d}.png", (20, 20 + i, 200 + i))
+        index.main()
+        weights.main()
+        if run_features:
+            features.main()
+        return root
+
+    return make

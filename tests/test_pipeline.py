@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, make_image_tree, zip_tree
+from tests.conftest import PROJECT_ROOT, deep_merge, tiny_training_params, write_gradient_image, write_random_backbone, zip_tree
 
 
 def run(args: list[str], cwd: Path, env: dict) -> str:
@@ -33,14 +33,18 @@ def pipeline_copy(tmp_path) -> tuple[Path, dict]:
 
     mirror = tmp_path / "mirror"
     source = tmp_path / "source"
-    n = make_image_tree(source / "tiny_data" / "train", {"ants": 8, "bees": 8})
-    make_image_tree(source / "tiny_data" / "val", {"ants": 3, "bees": 3}, start=n)
+    for split, first, count in (("train", 0, 8), ("val", 8, 3)):
+        for i in range(first, first + count):
+            write_gradient_image(source / f"tiny_data/{split}/ants/a{i}.png", (200, 10 * i, 20))
+            write_gradient_image(source / f"tiny_data/{split}/bees/b{i}.png", (10 * i, 40, 200))
     mirror.mkdir()
+    write_random_backbone(work / "tiny_backbone.pt")
     zip_tree(source, mirror / "tiny_data.zip")
 
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"]["url"] = "https://example.invalid/datasets/tiny_data.zip"
-    params["data"]["sha256"] = None
+    params = deep_merge(
+        yaml.safe_load((work / "params.yaml").read_text()),
+        tiny_training_params("tiny_backbone.pt", data={"url": "https://example.invalid/datasets/tiny_data.zip", "sha256": None}),
+    )
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = dict(os.environ, DATA_MIRROR=str(mirror))
@@ -49,30 +53,43 @@ def pipeline_copy(tmp_path) -> tuple[Path, dict]:
     env.pop("PYTHONPATH", None)
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.invalid"],
                  ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
-                 ["dvc", "config", "core.analytics", "false"]):
+                 ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["git", "commit", "-qm", "project"]):
         run(args, work, env)
     return work, env
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 def test_dvc_repro_end_to_end(pipeline_copy):
     work, env = pipeline_copy
     output = run(["dvc", "repro"], work, env)
     assert "using offline copy" in output and "tiny_data.zip" in output
+    assert stages_run(output) == ["download", "index", "weights", "features", "train", "evaluate"]
 
     summary = json.loads((work / "metrics/data.json").read_text())
-    assert summary["counts"]["test"]["total"] == 6
-    assert summary["images"] == 22
-    assert (work / "data/index.csv").read_text().count("\n") == 23
+    assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
+    assert json.loads((work / "metrics/eval.json").read_text())["images"] == 6
+    assert (work / "models/model.pt").is_file() and (work / "metrics/predictions.csv").is_file()
 
-    status = json.loads(run(["dvc", "status", "--json"], work, env))
-    assert status == {}
+    assert json.loads(run(["dvc", "status", "--json"], work, env)) == {}
     again = run(["dvc", "repro"], work, env)
-    assert "Running stage" not in again
-    assert "didn't change, skipping" in again
+    assert stages_run(again) == [] and "didn't change, skipping" in again
 
-    # A param another stage reads reruns only that stage.
+    # An experiment on the strategy reruns only train and evaluate, and `dvc exp show` lists it.
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "baseline"], work, env)
+    experiment = run(["dvc", "exp", "run", "-S", "strategy=gradual", "-n", "try-gradual"], work, env)
+    assert stages_run(experiment) == ["train", "evaluate"]
+    shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
+    header, *rows = shown.strip().splitlines()
+    assert "strategy" in header and "accuracy" in header
+    assert any("try-gradual" in row and "gradual" in row for row in rows)
+
+    # A param only the index reads reruns the index and what depends on it, not the download.
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["index"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = run(["dvc", "repro"], work, env)
-    assert "Running stage 'index'" in rerun and "Running stage 'download'" not in rerun
+    assert stages_run(run(["dvc", "repro"], work, env)) == ["index", "features", "train", "evaluate"]

@@ -1,0 +1,57 @@
+"""Stage `evaluate`: test metrics, predictions table, confusion plot data and pictures."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from stages import evaluate, train
+from stages.evaluate import score_test_predictions
+
+
+def test_scores_from_known_predictions():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([0, 1, 1, 2])
+    scores = score_test_predictions(probs, labels, ["a", "b", "c"])
+    assert scores["accuracy"] == pytest.approx(0.75)
+    assert scores["per_class"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+    assert scores["per_class"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    expected_loss = -(torch.log(torch.tensor([0.9, 0.7, 0.3, 0.8]))).mean().item()
+    assert scores["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("tta", ["none", "hflip"])
+def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
+    root = tiny_project(evaluate={"tta": tta})
+    train.main()
+    evaluate.main()
+    index = pd.read_csv(root / "data/index.csv")
+    test_rows = index[index.split == "test"]
+    predictions = pd.read_csv(root / "metrics/predictions.csv")
+    assert list(predictions.columns) == ["path", "true", "predicted", "probability", "prob_blue", "prob_red"]
+    assert predictions.path.tolist() == test_rows.path.tolist()
+    assert (predictions.true == test_rows["class"].to_numpy()).all()
+    assert predictions[["prob_blue", "prob_red"]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
+
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    assert metrics["images"] == len(test_rows) and metrics["tta"] == tta
+    assert metrics["accuracy"] == pytest.approx((predictions.true == predictions.predicted).mean())
+    assert set(metrics["per_class"]) == {"blue", "red"}
+    assert metrics["best_epoch"] == torch.load(root / "models/model.pt", weights_only=True)["epoch"]
+
+    confusion = pd.read_csv(root / "metrics/eval/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test_rows)
+    for picture in ("predictions.png", "misclassified.png"):
+        assert (root / "metrics/eval" / picture).read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_without_a_model_says_what_to_do(tiny_project):
+    tiny_project(run_features=False)
+    from stages.cli import UserError
+
+    with pytest.raises(UserError, match=r"models/model.pt: not found; run the train stage first"):
+        evaluate.main()

