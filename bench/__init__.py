@@ -1,0 +1,1 @@
+"""Benchmarks and result tables, run by hand: `python -m bench.<name>` from the project root."""
