@@ -1,7 +1,7 @@
 """Stage `evaluate`: the best checkpoint on the test split, the only place the test split is read.
 
 Writes the test metrics (metrics/eval.json), every prediction with its class probabilities
-(metrics/predictions.csv), the confusion matrix as a DVC plot, and two pictures: a grid of test
+(metrics/predictions.csv), the confusion matrix as a DVC plot and a picture, and two more pictures: a grid of test
 images titled predicted vs true, and a gallery of the misclassified ones.
 """
 
@@ -18,7 +18,7 @@ from stages.data import RAW_DIR, ImageDataset, decode_size, eval_transform, make
 from stages.files import atomic_path, write_json_atomic
 from stages.models import Preprocessing, classifier_from_checkpoint, load_checkpoint, pick_device
 from stages.params import load_params
-from stages.plots import save_image_grid
+from stages.plots import save_confusion_matrix, save_image_grid
 from stages.train import MODEL, predict, summarize
 
 log = logging.getLogger("evaluate")
@@ -29,6 +29,7 @@ EVAL_DIR = Path("metrics/eval")
 CONFUSION_CSV = EVAL_DIR / "confusion.csv"
 GRID_PNG = EVAL_DIR / "predictions.png"
 MISCLASSIFIED_PNG = EVAL_DIR / "misclassified.png"
+CONFUSION_PNG = EVAL_DIR / "confusion.png"
 
 
 def score_test_predictions(probs, labels, classes: list[str]) -> dict:
@@ -100,6 +101,7 @@ def main() -> None:
     write_csv(table, PREDICTIONS_CSV)
     write_csv(table[["true", "predicted"]].rename(columns={"true": "actual"}), CONFUSION_CSV)
     save_pictures(table, params.grid_images)
+    save_confusion_matrix(table["true"], table["predicted"], classes, CONFUSION_PNG)
     log.info("test: accuracy %.4f, macro-F1 %.4f, loss %.4f on %d images (model from epoch %d)",
              metrics["accuracy"], metrics["macro_f1"], metrics["loss"], metrics["images"], checkpoint["epoch"])
 

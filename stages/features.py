@@ -59,7 +59,7 @@ def load_backbone(device: torch.device, channels_last: bool = True) -> tuple[tor
 def extract(backbone: torch.nn.Module, dataset: MultiViewDataset, images_per_batch: int, device: torch.device, desc: str) -> torch.Tensor:
     """Features of shape [images, views, width]."""
     out = []
-    for batch in tqdm(DataLoader(dataset, batch_size=images_per_batch), desc=desc, unit="batch"):
+    for batch in tqdm(DataLoader(dataset, batch_size=images_per_batch), desc=desc, unit="batch", disable=None):
         n, v = batch.shape[:2]
         flat = batch.flatten(0, 1).to(device, memory_format=torch.channels_last)
         out.append(backbone(flat).float().cpu().view(n, v, -1))

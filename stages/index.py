@@ -188,7 +188,7 @@ def disable_pil_pixel_limit() -> None:
 
 def inspect_all(images: list[Candidate], raw: Path, max_pixels: int, workers: int) -> Iterable[tuple[str, int, int, str]]:
     jobs = [(str(raw / image.path), max_pixels) for image in images]
-    progress = dict(total=len(jobs), desc="validating images", unit="img")
+    progress = dict(total=len(jobs), desc="validating images", unit="img", disable=None)
     if workers == 1:
         disable_pil_pixel_limit()
         yield from tqdm(map(inspect_file, jobs), **progress)

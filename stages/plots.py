@@ -39,6 +39,17 @@ def save_learning_curves(history: Sequence, best_epoch: int, path: Path) -> None
     save_figure(figure, path)
 
 
+def save_confusion_matrix(true: Sequence[str], predicted: Sequence[str], classes: list[str], path: Path) -> None:
+    """Counts of true vs predicted class, as a picture for reports (DVC draws its own from the CSV)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4, 0.6 * len(classes) + 2)
+    figure, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(true, predicted, labels=classes, ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title("test confusion matrix")
+    save_figure(figure, path)
+
+
 def save_image_grid(images: Sequence[Path], titles: Sequence[str], colors: Sequence[str], path: Path,
                     heading: str, thumb: int = 192) -> None:
     """A grid of thumbnails with a coloured title each (the recipe's visualize_model)."""

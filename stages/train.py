@@ -87,7 +87,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, tta: str
     """Class probabilities and labels over a loader; with tta=hflip, averaged with the mirror image."""
     model.eval()
     all_probs, all_labels = [], []
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         images = to_device(images, device, channels_last)
         with autocast(device, amp):
             probs = model(images).float().softmax(1)
@@ -141,10 +141,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, criterion, device: torch.device,
                     epoch: int, amp: bool = False, channels_last: bool = False,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True) -> tuple[float, float]:
     """One pass over `loader`; returns mean loss and accuracy. Stops on a non-finite loss."""
     total_loss = correct = seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    # disable=None: a bar on a terminal, none in CI logs.
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if progress else True)
     for inputs, labels in bar:
         inputs, labels = to_device(inputs, device, channels_last), labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -186,7 +187,9 @@ def fit_head_on_features(head: nn.Module, features: dict, params: Params, criter
         epoch = first_epoch + i
         head.train()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(head, loader, optimizer, scheduler, criterion, torch.device("cpu"), epoch)
+        # An epoch on cached features takes a fraction of a second: no progress bar.
+        train_loss, train_acc = train_one_epoch(head, loader, optimizer, scheduler, criterion, torch.device("cpu"), epoch,
+                                                progress=False)
         head.eval()
         with torch.inference_mode():
             probs = head(val["features"][:, 0]).softmax(1)

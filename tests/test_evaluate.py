@@ -45,7 +45,7 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
 
     confusion = pd.read_csv(root / "metrics/eval/confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test_rows)
-    for picture in ("predictions.png", "misclassified.png"):
+    for picture in ("predictions.png", "misclassified.png", "confusion.png"):
         assert (root / "metrics/eval" / picture).read_bytes().startswith(b"\x89PNG")
 
 
