@@ -119,6 +119,11 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
+def head_config(model_params) -> dict:
+    """The head's shape as stored in checkpoints: `make_head`'s keyword arguments."""
+    return {"kind": model_params.head, "hidden": model_params.hidden, "dropout": model_params.dropout}
+
+
 def build_classifier(backbone_name: str, num_classes: int, head: dict) -> Classifier:
     backbone, width = create_backbone(resolve_backbone(backbone_name))
     return Classifier(backbone, make_head(width, num_classes, **head))

@@ -31,7 +31,7 @@ from stages.cli import UserError, run_stage
 from stages.data import ImageDataset, decode_size, eval_transform, make_loader, read_classes, read_split, train_transform
 from stages.features import FEATURES
 from stages.files import save_torch_atomic
-from stages.models import Classifier, Preprocessing, build_classifier, pick_device
+from stages.models import Classifier, Preprocessing, build_classifier, head_config, pick_device
 from stages.params import Params, TrainParams, load_params
 from stages.plots import save_learning_curves
 from stages.weights import PRETRAINED
@@ -250,7 +250,7 @@ def checkpoint(model: Classifier, params: Params, classes: list[str], prep: Prep
         "strategy": params.strategy,
         "classes": classes,
         "preprocessing": prep.to_dict(),
-        "head": {"kind": params.model.head, "hidden": params.model.hidden, "dropout": params.model.dropout},
+        "head": head_config(params.model),
         "params": params.model_dump(mode="json"),
         "epoch": best.epoch,
         "metrics": asdict(best),
@@ -304,8 +304,7 @@ def main() -> None:
     classes = read_classes()
     pretrained = torch.load(PRETRAINED, map_location="cpu", weights_only=True)
     prep = Preprocessing.from_dict(pretrained["preprocessing"])
-    head = {"kind": params.model.head, "hidden": params.model.hidden, "dropout": params.model.dropout}
-    model = build_classifier(params.model.backbone, len(classes), head)
+    model = build_classifier(params.model.backbone, len(classes), head_config(params.model))
     if params.strategy != "scratch":
         if pretrained["state_dict"] is None:
             raise UserError(f"params.yaml: strategy {params.strategy} needs pretrained weights, but model.weights is none; "
