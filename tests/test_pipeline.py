@@ -93,3 +93,9 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     params["index"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], work, env)) == ["index", "features", "train", "evaluate"]
+
+    # Metrics are git-tracked, so commits compare without a DVC remote.
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "another seed"], work, env)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], work, env))
+    assert diff["metrics/train/metrics.json"]["train.loss"]["diff"] != 0
