@@ -219,7 +219,7 @@ def pretrained_backbone_state(backbone_name: str, weights: str) -> dict[str, tor
         state = torchvision_weights(backbone.name, weights).get_state_dict(progress=True)
         return without_classifier(state, model)
     if weights != "pretrained":
-        raise UserError(f"params.yaml: model.weights: timm backbones take 'pretrained', 'none' or a checkpoint path")
+        raise UserError("params.yaml: model.weights: timm backbones take 'pretrained', 'none' or a checkpoint path")
     full = timm.create_model(backbone.name, pretrained=True, num_classes=0)
     return without_classifier(full.state_dict(), model)
 
