@@ -11,16 +11,11 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
 
 from stages.cli import UserError
 from stages.models import Preprocessing
 from stages.params import AugmentParams
-
-RAW_DIR = Path("data/raw")
-INDEX_CSV = Path("data/index.csv")
-CLASSES_JSON = Path("data/classes.json")
+from stages.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
 
 
 def read_classes() -> list[str]:
@@ -49,16 +44,27 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
-def normalize(prep: Preprocessing) -> T.Compose:
+# torchvision is imported where it is used: it takes seconds to import, and the stages that work
+# on cached features never transform an image.
+
+def normalize(prep: Preprocessing):
+    from torchvision.transforms import v2 as T
+
     return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)])
 
 
-def eval_transform(prep: Preprocessing) -> T.Compose:
+def eval_transform(prep: Preprocessing):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
     interpolation = InterpolationMode(prep.interpolation)
     return T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size), normalize(prep)])
 
 
-def train_transform(prep: Preprocessing, augment: AugmentParams) -> T.Compose:
+def train_transform(prep: Preprocessing, augment: AugmentParams):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
     interpolation = InterpolationMode(prep.interpolation)
     steps = [
         T.RandomResizedCrop(prep.input_size, scale=tuple(augment.crop_scale), interpolation=interpolation),
@@ -87,9 +93,10 @@ class ImageDataset(Dataset):
         return self.transform(load_image(self.paths[i], self.decode_size)), self.labels[i]
 
 
-def decode_size(prep: Preprocessing) -> int:
-    # Random crops may zoom in: keep twice the network's input so they stay sharp.
-    return 2 * prep.resize_size
+def decode_size(prep: Preprocessing, augmented: bool = False) -> int:
+    """The smallest size a JPEG may decode at: the evaluation resize, or twice that for random
+    crops, which may zoom in and should stay sharp."""
+    return 2 * prep.resize_size if augmented else prep.resize_size
 
 
 def seed_worker(worker_id: int) -> None:
@@ -99,10 +106,13 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool,
+                persistent: bool = True) -> DataLoader:
+    """Worker processes decode and augment ahead of the model (several batches each), pinned
+    memory lets a GPU copy overlap compute, and persistent workers skip a restart per epoch."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        worker_init_fn=seed_worker, persistent_workers=workers > 0, pin_memory=pin_memory,
+        worker_init_fn=seed_worker, persistent_workers=persistent and workers > 0, pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )

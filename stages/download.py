@@ -30,10 +30,10 @@ from tqdm import tqdm
 from stages.cli import UserError, run_stage
 from stages.files import atomic_dir
 from stages.params import DataParams, load_params
+from stages.paths import RAW_DIR
 
 log = logging.getLogger("download")
 
-RAW_DIR = Path("data/raw")
 SHELF_DIR = Path("data/archives")
 MIRROR_ENV = "DATA_MIRROR"
 CHUNK = 1 << 20

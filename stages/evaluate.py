@@ -1,5 +1,10 @@
 """Stage `evaluate`: the best checkpoint on the test split, the only place the test split is read.
 
+A model whose backbone is still exactly the pretrained one (strategy frozen, or a finetune run
+whose best epoch was a head epoch) is scored on the cached test features: the features stage
+already ran that backbone over the test images, so only the head runs here. Any other model runs
+on the images.
+
 Writes the test metrics (metrics/eval.json), every prediction with its class probabilities
 (metrics/predictions.csv), the confusion matrix as a DVC plot and a picture, and two more pictures: a grid of test
 images titled predicted vs true, and a gallery of the misclassified ones.
@@ -11,15 +16,18 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from stages.cli import run_stage
-from stages.data import RAW_DIR, ImageDataset, decode_size, eval_transform, make_loader, read_split
+from stages.data import ImageDataset, decode_size, eval_transform, make_loader, read_split
 from stages.files import atomic_path, write_json_atomic
-from stages.models import Preprocessing, classifier_from_checkpoint, load_checkpoint, pick_device
-from stages.params import load_params
+from stages.models import (Preprocessing, classifier_from_checkpoint, head_from_checkpoint, load_checkpoint,
+                           pick_device)
+from stages.params import EvaluateParams, load_params
+from stages.paths import MODEL, RAW_DIR, features_file
 from stages.plots import save_confusion_matrix, save_image_grid
-from stages.train import MODEL, predict, summarize
+from stages.predict import head_probabilities, predict, summarize
 
 log = logging.getLogger("evaluate")
 
@@ -81,17 +89,38 @@ def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
                     f"misclassified: {len(wrong)} of {len(table)} (most confident first)")
 
 
+def usable_test_features(checkpoint: dict, rows: pd.DataFrame, tta: str) -> dict | None:
+    """The cached test features, if they are exactly what the model's backbone gives on these rows."""
+    path = features_file("test")
+    if checkpoint["metrics"]["phase"] != "head" or not path.is_file():
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    same_backbone = cached["pretrained_sha256"] == checkpoint.get("pretrained_sha256")
+    same_images = cached["paths"] == rows["path"].tolist()
+    has_views = "plain" in cached["views"] and (tta != "hflip" or "hflip" in cached["views"])
+    return cached if same_backbone and same_images and has_views else None
+
+
+def predict_test_split(checkpoint: dict, rows: pd.DataFrame, params: EvaluateParams):
+    """Class probabilities and labels of the test rows, from cached features when they apply."""
+    cached = usable_test_features(checkpoint, rows, params.tta)
+    if cached is not None:
+        log.info("the backbone is the pretrained one: scoring the head on the cached test features")
+        return head_probabilities(head_from_checkpoint(checkpoint), cached, params.tta), cached["labels"]
+    device = pick_device()
+    model = classifier_from_checkpoint(checkpoint).to(device, memory_format=torch.channels_last)
+    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
+    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, False,
+                         params.workers, 0, device.type == "cuda", persistent=False)
+    return predict(model, loader, device, params.tta, channels_last=True, desc="testing")
+
+
 def main() -> None:
     params = load_params().evaluate
     checkpoint = load_checkpoint(MODEL)
     classes = checkpoint["classes"]
-    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    device = pick_device()
-    model = classifier_from_checkpoint(checkpoint).to(device)
     rows = read_split("test")
-    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, False, 0, 0,
-                         device.type == "cuda")
-    probs, labels = predict(model, loader, device, params.tta, desc="testing")
+    probs, labels = predict_test_split(checkpoint, rows, params)
 
     metrics = score_test_predictions(probs, labels, classes)
     metrics["tta"] = params.tta

@@ -27,12 +27,10 @@ from tqdm import tqdm
 from stages.cli import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
 from stages.params import IndexParams, load_params
+from stages.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
 
 log = logging.getLogger("index")
 
-RAW_DIR = Path("data/raw")
-INDEX_CSV = Path("data/index.csv")
-CLASSES_JSON = Path("data/classes.json")
 DATA_METRICS = Path("metrics/data.json")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}

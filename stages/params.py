@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stages.cli import UserError
 
@@ -78,6 +85,7 @@ class AugmentParams(Strict):
 class FeaturesParams(Strict):
     views: Annotated[int, Field(ge=0, le=64)]
     batch_size: Annotated[int, Field(ge=1)]
+    workers: Annotated[int, Field(ge=0)]
     seed: int
 
 
@@ -106,11 +114,12 @@ class TrainParams(Strict):
 class EvaluateParams(Strict):
     tta: Literal["none", "hflip"]
     batch_size: Annotated[int, Field(ge=1)]
+    workers: Annotated[int, Field(ge=0)]
     grid_images: Annotated[int, Field(ge=1, le=64)]
 
 
 class Params(Strict):
-    strategy: Literal["finetune", "frozen", "gradual", "scratch"]
+    strategy: Literal["frozen", "finetune", "scratch"]
     data: DataParams
     index: IndexParams
     model: ModelParams
@@ -121,7 +130,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def strategy_has_epochs(self) -> "Params":
-        needs = {"frozen": ("head_epochs",), "gradual": ("head_epochs",), "finetune": ("epochs",), "scratch": ("epochs",)}
+        needs = {"frozen": ("head_epochs",), "finetune": ("epochs",), "scratch": ("epochs",)}
         for key in needs[self.strategy]:
             if getattr(self.train, key) < 1:
                 raise ValueError(f"strategy {self.strategy} needs train.{key} >= 1")

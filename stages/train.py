@@ -2,9 +2,9 @@
 
 Strategies (the top-level param `strategy`):
 - frozen:   the pretrained backbone is never touched; the new head trains on cached features;
-- gradual:  that head first, then every layer at `train.lr * train.backbone_lr_mult`;
-- finetune: every layer from the start, the backbone at the lower learning rate;
-- scratch:  the same architecture from random weights.
+- finetune: that head first (`train.head_epochs`, 0 to skip it as the recipe does), then every
+            layer, the backbone at `train.lr * train.backbone_lr_mult`;
+- scratch:  the same architecture from random weights, every layer from the start.
 
 The best epoch by val accuracy (ties: lower val loss) is written to models/model.pt each time it
 improves, atomically, so an interrupted run leaves the last good checkpoint. The test split is
@@ -17,30 +17,33 @@ import logging
 import math
 import signal
 import sys
-from contextlib import nullcontext
+import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from dvclive import Live
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from stages.cli import UserError, run_stage
-from stages.data import ImageDataset, decode_size, eval_transform, make_loader, read_classes, read_split, train_transform
-from stages.features import FEATURES
-from stages.files import save_torch_atomic
-from stages.models import Classifier, Preprocessing, build_classifier, head_config, pick_device
+from stages.data import (ImageDataset, decode_size, eval_transform, make_loader, read_classes, read_split,
+                         train_transform)
+from stages.files import file_sha256, save_torch_atomic, write_json_atomic
+from stages.models import (Classifier, Preprocessing, build_classifier, head_config, make_head, pick_device,
+                           read_pretrained)
 from stages.params import Params, TrainParams, load_params
+from stages.paths import MODEL, PRETRAINED, features_file
 from stages.plots import save_learning_curves
-from stages.weights import PRETRAINED
+from stages.predict import autocast, evaluate, head_probabilities, summarize, to_device
 
 log = logging.getLogger("train")
 
-MODEL = Path("models/model.pt")
 LIVE_DIR = Path("metrics/train")
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
+TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
 
 
 @dataclass
@@ -55,52 +58,6 @@ class EpochResult:
 
     def beats(self, other: "EpochResult | None") -> bool:
         return other is None or (self.val_acc, -self.val_loss) > (other.val_acc, -other.val_loss)
-
-
-# --- shared metric helpers (the evaluate stage uses them too) --------------------------------
-
-def summarize(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Mean negative log-likelihood and accuracy of predicted probabilities."""
-    loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return loss, (probs.argmax(1) == labels).float().mean().item()
-
-
-def autocast(device: torch.device, amp: bool):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); full precision elsewhere.
-
-    CPUs without native bf16 run autocast slower than fp32, so the CPU path stays fp32.
-    """
-    if not amp or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    format_ = torch.channels_last if channels_last and images.ndim == 4 else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=format_)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, tta: str, amp: bool = False,
-            channels_last: bool = False, desc: str = "predicting") -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities and labels over a loader; with tta=hflip, averaged with the mirror image."""
-    model.eval()
-    all_probs, all_labels = [], []
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        images = to_device(images, device, channels_last)
-        with autocast(device, amp):
-            probs = model(images).float().softmax(1)
-            if tta == "hflip":
-                probs = (probs + model(images.flip(-1)).float().softmax(1)) / 2
-        all_probs.append(probs.cpu())
-        all_labels.append(labels)
-    return torch.cat(all_probs), torch.cat(all_labels)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tta: str, amp: bool = False,
-             channels_last: bool = False) -> tuple[float, float]:
-    return summarize(*predict(model, loader, device, tta, amp, channels_last, desc="validating"))
 
 
 # --- optimisation ----------------------------------------------------------------------------
@@ -139,14 +96,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, criterion, device: torch.device,
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criterion, device: torch.device,
                     epoch: int, amp: bool = False, channels_last: bool = False,
-                    scaler: torch.amp.GradScaler | None = None, progress: bool = True) -> tuple[float, float]:
-    """One pass over `loader`; returns mean loss and accuracy. Stops on a non-finite loss."""
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True,
+                    timing: Counter | None = None) -> tuple[float, float]:
+    """One pass over `loader`; returns mean loss and accuracy. Stops on a non-finite loss.
+
+    With `timing`, adds the seconds spent waiting for batches ("data") and the rest ("compute"):
+    if data is more than a sliver, the loader does not keep up (more workers, smaller images).
+    """
     total_loss = correct = seen = 0
+    timing = Counter() if timing is None else timing
     # disable=None: a bar on a terminal, none in CI logs.
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if progress else True)
+    waited_from = time.perf_counter()
     for inputs, labels in bar:
+        computing_from = time.perf_counter()
+        timing["data"] += computing_from - waited_from
         inputs, labels = to_device(inputs, device, channels_last), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(inputs)
@@ -167,34 +133,47 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        waited_from = time.perf_counter()
+        timing["compute"] += waited_from - computing_from
     return total_loss / seen, correct / seen
 
 
 # --- the two phases --------------------------------------------------------------------------
 
-def fit_head_on_features(head: nn.Module, features: dict, params: Params, criterion, first_epoch: int):
+def read_features(split: str) -> dict:
+    path = features_file(split)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the features stage first (dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch of shuffled batches sliced from tensors in memory: a DataLoader would index and
+    collate every sample one by one, which costs more than the head's training itself."""
+    order = torch.randperm(len(labels), generator=generator)
+    return [(inputs[i], labels[i]) for i in order.split(batch_size)]
+
+
+def fit_head_on_features(head: nn.Module, train: dict, val: dict, params: Params, criterion, first_epoch: int,
+                         timing: Counter):
     """Train the head on cached backbone features; yields one EpochResult per epoch."""
-    train = features["train"]
     views = train["features"].shape[1]
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
     generator = torch.Generator().manual_seed(params.train.seed)
-    loader = DataLoader(TensorDataset(inputs, labels), batch_size=params.train.batch_size, shuffle=True, generator=generator)
+    batch_size = params.train.batch_size
     optimizer = build_optimizer([{"params": head.parameters(), "lr": params.train.lr}], params.train)
-    scheduler = build_scheduler(optimizer, params.train, len(loader), params.train.head_epochs)
-    val = features["val"]
+    scheduler = build_scheduler(optimizer, params.train, math.ceil(len(labels) / batch_size), params.train.head_epochs)
     for i in range(params.train.head_epochs):
         epoch = first_epoch + i
+        started = time.perf_counter()
         head.train()
         lr = optimizer.param_groups[0]["lr"]
         # An epoch on cached features takes a fraction of a second: no progress bar.
-        train_loss, train_acc = train_one_epoch(head, loader, optimizer, scheduler, criterion, torch.device("cpu"), epoch,
-                                                progress=False)
-        head.eval()
-        with torch.inference_mode():
-            probs = head(val["features"][:, 0]).softmax(1)
-            if params.evaluate.tta == "hflip":
-                probs = (probs + head(val["features"][:, 1]).softmax(1)) / 2
+        train_loss, train_acc = train_one_epoch(head, shuffled_batches(inputs, labels, batch_size, generator), optimizer,
+                                                scheduler, criterion, torch.device("cpu"), epoch, progress=False)
+        probs = head_probabilities(head, val, params.evaluate.tta)
+        timing["head"] += time.perf_counter() - started
         yield EpochResult(epoch, "head", train_loss, train_acc, *summarize(probs, val["labels"]), lr)
 
 
@@ -207,11 +186,11 @@ def keep_batchnorm_statistics(module: nn.Module) -> None:
 
 
 def fit_network(model: Classifier, params: Params, prep: Preprocessing, device: torch.device, criterion,
-                first_epoch: int, backbone_lr: float, head_lr: float):
+                first_epoch: int, backbone_lr: float, head_lr: float, timing: Counter):
     """Train every layer on images; yields one EpochResult per epoch."""
     p = params.train
     pin = device.type == "cuda"
-    train_set = ImageDataset(read_split("train"), train_transform(prep, params.augment), decode_size(prep))
+    train_set = ImageDataset(read_split("train"), train_transform(prep, params.augment), decode_size(prep, True))
     val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
     train_loader = make_loader(train_set, p.batch_size, True, p.workers, p.seed, pin)
     val_loader = make_loader(val_set, params.evaluate.batch_size, False, p.workers, p.seed, pin)
@@ -227,9 +206,12 @@ def fit_network(model: Classifier, params: Params, prep: Preprocessing, device: 
             keep_batchnorm_statistics(model.backbone)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(
-            runner, train_loader, optimizer, scheduler, criterion, device, epoch, p.amp, p.channels_last, scaler
+            runner, train_loader, optimizer, scheduler, criterion, device, epoch, p.amp, p.channels_last, scaler,
+            timing=timing,
         )
+        started = time.perf_counter()
         val_loss, val_acc = evaluate(runner, val_loader, device, params.evaluate.tta, p.amp, p.channels_last)
+        timing["validate"] += time.perf_counter() - started
         yield EpochResult(epoch, "network", train_loss, train_acc, val_loss, val_acc, lr)
 
 
@@ -242,8 +224,13 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def checkpoint(model: Classifier, params: Params, classes: list[str], prep: Preprocessing, best: EpochResult) -> dict:
-    """A self-describing checkpoint: it rebuilds and preprocesses without params.yaml."""
+def checkpoint(state_dict: dict, params: Params, classes: list[str], prep: Preprocessing, best: EpochResult,
+               pretrained_sha256: str) -> dict:
+    """A self-describing checkpoint: it rebuilds and preprocesses without params.yaml.
+
+    `pretrained_sha256` names the weights file the backbone started from; while the best epoch is
+    a head epoch, the backbone is still exactly that file's, so its cached features apply.
+    """
     return {
         "backbone": params.model.backbone,
         "weights": params.model.weights,
@@ -254,17 +241,41 @@ def checkpoint(model: Classifier, params: Params, classes: list[str], prep: Prep
         "params": params.model_dump(mode="json"),
         "epoch": best.epoch,
         "metrics": asdict(best),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "pretrained_sha256": pretrained_sha256,
+        "state_dict": state_dict,
     }
 
 
-class Trainer:
-    """Runs the phases a strategy asks for, logs every epoch and keeps the best one."""
+def prefixed(prefix: str, state: dict) -> dict:
+    return {f"{prefix}.{k}": v.detach().cpu().clone() for k, v in state.items()}
 
-    def __init__(self, model: Classifier, params: Params, classes: list[str], prep: Preprocessing, live: Live):
-        self.model, self.params, self.classes, self.prep, self.live = model, params, classes, prep, live
+
+def unprefixed(prefix: str, state: dict) -> dict:
+    return {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+
+
+class Trainer:
+    """Runs the phases a strategy asks for, logs every epoch and keeps the best one.
+
+    Until a network phase attaches the whole model, only the head exists: the backbone is the
+    pretrained state, saved as it is, so a frozen run never builds (or imports) the backbone.
+    """
+
+    def __init__(self, params: Params, classes: list[str], prep: Preprocessing, live: Live,
+                 pretrained: dict | None, pretrained_sha256: str):
+        self.params, self.classes, self.prep, self.live = params, classes, prep, live
+        self.pretrained, self.pretrained_sha256 = pretrained, pretrained_sha256
+        self.head: nn.Module | None = None
+        self.backbone: nn.Module | None = None
         self.best: EpochResult | None = None
+        self.best_state: dict | None = None  # the best epoch's state while it is not yet on disk
         self.history: list[EpochResult] = []
+        self.timing: Counter = Counter()  # seconds: head, data, compute, validate
+
+    def state_dict(self) -> dict:
+        """The classifier's state dict, keys as in `Classifier`."""
+        backbone = self.backbone.state_dict() if self.backbone is not None else self.pretrained
+        return {**prefixed("backbone", backbone), **prefixed("head", self.head.state_dict())}
 
     def run(self, epochs) -> None:
         """Consume a phase's epochs, stopping early after `train.patience` epochs without progress."""
@@ -285,57 +296,102 @@ class Trainer:
         improved = result.beats(self.best)
         log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e%s",
                  result.epoch, result.phase, result.train_loss, result.train_acc, result.val_loss, result.val_acc,
-                 result.lr, " | best so far, saved" if improved else "")
+                 result.lr, " | best so far" if improved else "")
         if improved:
-            self.best = result
-            save_torch_atomic(MODEL, checkpoint(self.model, self.params, self.classes, self.prep, result))
+            self.best, self.best_state = result, self.state_dict()
+            # Head epochs take milliseconds: their best is written once, when the phase ends.
+            if result.phase == "network":
+                self.save_best()
+
+    def save_best(self) -> None:
+        """Write the best epoch so far to models/model.pt, atomically, unless it is there already."""
+        if self.best is not None and self.best_state is not None:
+            save_torch_atomic(MODEL, checkpoint(self.best_state, self.params, self.classes, self.prep, self.best,
+                                                self.pretrained_sha256))
+            self.best_state = None
 
     def restore_best(self) -> None:
+        self.save_best()
         if self.best is not None:
-            self.model.load_state_dict(torch.load(MODEL, map_location="cpu", weights_only=True)["state_dict"])
+            state = torch.load(MODEL, map_location="cpu", weights_only=True)["state_dict"]
+            self.head.load_state_dict(unprefixed("head", state))
+            if self.backbone is not None:
+                self.backbone.load_state_dict(unprefixed("backbone", state))
+
+
+def learning_rates(params: Params, warm_head: bool) -> tuple[float, float]:
+    """(backbone, head) learning rates of the network phase."""
+    lr, mult = params.train.lr, params.train.backbone_lr_mult
+    if params.strategy == "scratch":
+        return lr, lr
+    # A head trained on the features first should move as gently as the backbone under it.
+    return (lr * mult, lr * mult) if warm_head else (lr * mult, lr)
+
+
+def write_timing(trainer: Trainer, started: float) -> None:
+    seconds = {name: round(value, 2) for name, value in sorted(trainer.timing.items())}
+    write_json_atomic(TIME_JSON, {**seconds, "total": round(time.perf_counter() - started, 2)})
+
+
+def read_head_features(pretrained_sha256: str) -> tuple[dict, dict]:
+    train, val = read_features("train"), read_features("val")
+    if train["pretrained_sha256"] != pretrained_sha256:
+        raise UserError(f"{features_file('train')}: computed with other pretrained weights than {PRETRAINED}; "
+                        "run dvc repro to bring the features stage up to date")
+    return train, val
 
 
 def main() -> None:
+    started = time.perf_counter()
     params = load_params()
     torch.manual_seed(params.train.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     stop_on_sigterm()
     device = pick_device()
     classes = read_classes()
-    pretrained = torch.load(PRETRAINED, map_location="cpu", weights_only=True)
+    pretrained = read_pretrained(PRETRAINED)
+    if params.strategy != "scratch" and pretrained["state_dict"] is None:
+        raise UserError(f"params.yaml: strategy {params.strategy} needs pretrained weights, but model.weights is none; "
+                        "use strategy scratch or set model.weights")
     prep = Preprocessing.from_dict(pretrained["preprocessing"])
-    model = build_classifier(params.model.backbone, len(classes), head_config(params.model))
-    if params.strategy != "scratch":
-        if pretrained["state_dict"] is None:
-            raise UserError(f"params.yaml: strategy {params.strategy} needs pretrained weights, but model.weights is none; "
-                            "use strategy scratch or set model.weights")
-        model.backbone.load_state_dict(pretrained["state_dict"])
     criterion = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
+    warm_head = params.strategy == "frozen" or (params.strategy == "finetune" and params.train.head_epochs > 0)
     log.info("strategy %s, backbone %s, %d classes, device %s", params.strategy, params.model.backbone, len(classes), device)
 
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        trainer = Trainer(model, params, classes, prep, live)
+        pretrained_sha256 = file_sha256(PRETRAINED)
+        trainer = Trainer(params, classes, prep, live, pretrained["state_dict"], pretrained_sha256)
         try:
-            if params.strategy in ("frozen", "gradual"):
-                features = torch.load(FEATURES, map_location="cpu", weights_only=True)
-                trainer.run(fit_head_on_features(model.head, features, params, criterion, first_epoch=1))
+            if warm_head:
+                train_features, val_features = read_head_features(pretrained_sha256)
+                width = train_features["features"].shape[-1]
+                trainer.head = make_head(width, len(classes), **head_config(params.model))
+                trainer.run(fit_head_on_features(trainer.head, train_features, val_features, params, criterion, 1,
+                                                 trainer.timing))
                 trainer.restore_best()
-            if params.strategy in ("gradual", "finetune", "scratch"):
+            if params.strategy != "frozen":
+                # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                model = build_classifier(params.model.backbone, len(classes), head_config(params.model))
+                if params.strategy != "scratch":
+                    model.backbone.load_state_dict(pretrained["state_dict"])
+                if warm_head:
+                    model.head = trainer.head
+                trainer.head, trainer.backbone = model.head, model.backbone
                 model.to(device)
                 if params.train.channels_last:
                     model.to(memory_format=torch.channels_last)
-                lr, mult = params.train.lr, params.train.backbone_lr_mult
-                # gradual: the head is already trained, so everything moves gently.
-                rates = {"gradual": (lr * mult, lr * mult), "finetune": (lr * mult, lr), "scratch": (lr, lr)}
                 trainer.run(fit_network(model, params, prep, device, criterion, len(trainer.history) + 1,
-                                        *rates[params.strategy]))
+                                        *learning_rates(params, warm_head), trainer.timing))
         except KeyboardInterrupt:
+            trainer.save_best()
             log.error("interrupted: %s keeps the best epoch so far (%s)", MODEL,
                       trainer.best.epoch if trainer.best else "none yet")
             sys.exit(130)
+        trainer.save_best()
         best = trainer.best
         live.summary["best"] = asdict(best)
     save_learning_curves(trainer.history, best.epoch, CURVES_PNG)
+    write_timing(trainer, started)
     log.info("best epoch %d (%s): val acc %.4f, val loss %.4f", best.epoch, best.phase, best.val_acc, best.val_loss)
 
 

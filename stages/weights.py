@@ -8,16 +8,15 @@ preprocessing, so their hash is in dvc.lock and nothing downstream reads an untr
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from stages.cli import run_stage
 from stages.files import save_torch_atomic
-from stages.models import pretrained_backbone_state, preprocessing_for
+from stages.models import preprocessing_for, pretrained_backbone_state
 from stages.params import load_params
+from stages.paths import PRETRAINED
 
 log = logging.getLogger("weights")
 
-PRETRAINED = Path("models/pretrained.pt")
 
 
 def main() -> None:

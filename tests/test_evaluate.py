@@ -49,6 +49,38 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
         assert (root / "metrics/eval" / picture).read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_frozen_model_is_scored_on_cached_features_as_on_images(tiny_project, caplog):
+    root = tiny_project(strategy="frozen", evaluate={"tta": "hflip"})
+    train.main()
+    with caplog.at_level("INFO"):
+        evaluate.main()
+    assert "scoring the head on the cached test features" in caplog.text
+    from_features = pd.read_csv(root / "metrics/predictions.csv")
+    (root / "data/features/test.pt").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        evaluate.main()
+    assert "cached test features" not in caplog.text
+    from_images = pd.read_csv(root / "metrics/predictions.csv")
+    assert from_images.path.tolist() == from_features.path.tolist()
+    assert from_images.prob_red.to_numpy() == pytest.approx(from_features.prob_red.to_numpy(), abs=1e-4)
+
+
+def test_cached_features_only_serve_the_backbone_they_came_from(tiny_project):
+    root = tiny_project(strategy="finetune", train={"head_epochs": 1, "epochs": 1}, evaluate={"tta": "none"})
+    train.main()
+    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
+    rows = pd.read_csv(root / "data/index.csv").query("split == 'test'").reset_index(drop=True)
+    head_epoch = {**checkpoint, "metrics": {**checkpoint["metrics"], "phase": "head"}}
+    assert evaluate.usable_test_features(head_epoch, rows, "none") is not None
+    assert evaluate.usable_test_features(head_epoch, rows, "hflip") is None  # no mirrored view cached
+    network_epoch = {**checkpoint, "metrics": {**checkpoint["metrics"], "phase": "network"}}
+    assert evaluate.usable_test_features(network_epoch, rows, "none") is None
+    other_weights = {**head_epoch, "pretrained_sha256": "0" * 64}
+    assert evaluate.usable_test_features(other_weights, rows, "none") is None
+    assert evaluate.usable_test_features(head_epoch, rows.iloc[1:], "none") is None
+
+
 def test_evaluate_without_a_model_says_what_to_do(tiny_project):
     tiny_project(run_features=False)
     from stages.cli import UserError

@@ -3,36 +3,50 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from stages import features
-from stages.data import RAW_DIR, eval_transform, load_image, decode_size
-from stages.features import load_backbone
+from stages.data import decode_size, eval_transform, load_image
+from stages.files import file_sha256
+from stages.models import load_pretrained_backbone
+from stages.paths import PRETRAINED, RAW_DIR
 
 
-def test_features_hold_every_view_and_match_the_backbone(tiny_project):
-    root = tiny_project(features={"views": 3})
-    saved = torch.load(root / "data/features.pt", weights_only=True)
+def load_split(root, split):
+    return torch.load(root / f"data/features/{split}.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("tta, held_out_views", [("hflip", ["plain", "hflip"]), ("none", ["plain"])])
+def test_features_hold_every_view_and_match_the_backbone(tiny_project, tta, held_out_views):
+    root = tiny_project(features={"views": 3}, evaluate={"tta": tta})
     table = pd.read_csv(root / "data/index.csv")
-    train, val = saved["train"], saved["val"]
-    assert train["features"].shape == ((table.split == "train").sum(), 2 + 3, 256)
-    assert val["features"].shape == ((table.split == "val").sum(), 2, 256)
-    assert "test" not in saved  # the test split is for the evaluate stage alone
+    train = load_split(root, "train")
+    assert train["views"] == ["plain", "hflip", "augmented_0", "augmented_1", "augmented_2"]
+    assert train["features"].shape == ((table.split == "train").sum(), 5, 256)
     assert train["paths"] == table.loc[table.split == "train", "path"].tolist()
     assert train["labels"].tolist() == table.loc[table.split == "train", "label"].tolist()
+    assert train["pretrained_sha256"] == file_sha256(root / PRETRAINED)
+    for split in ("val", "test"):
+        held_out = load_split(root, split)
+        assert held_out["views"] == held_out_views
+        assert held_out["features"].shape == ((table.split == split).sum(), len(held_out_views), 256)
+        assert held_out["paths"] == table.loc[table.split == split, "path"].tolist()
 
-    backbone, prep = load_backbone(torch.device("cpu"))
-    image = load_image(root / RAW_DIR / val["paths"][0], decode_size(prep))
+    backbone, prep = load_pretrained_backbone(PRETRAINED, torch.device("cpu"))
+    test = load_split(root, "test")
+    image = load_image(root / RAW_DIR / test["paths"][0], decode_size(prep))
     plain = eval_transform(prep)(image)[None]
     with torch.inference_mode():
-        expected = torch.cat([backbone(plain), backbone(plain.flip(-1))])
-    torch.testing.assert_close(val["features"][0], expected, rtol=1e-4, atol=1e-5)
+        expected = torch.cat([backbone(plain), backbone(plain.flip(-1))])[: len(held_out_views)]
+    torch.testing.assert_close(test["features"][0], expected, rtol=1e-4, atol=1e-5)
     # Augmented views differ from the plain one.
     assert not torch.allclose(train["features"][0, 0], train["features"][0, 2])
 
 
-def test_features_are_reproducible(tiny_project):
-    root = tiny_project()
-    first = (root / "data/features.pt").read_bytes()
+@pytest.mark.parametrize("workers", [0, 2])
+def test_features_are_reproducible(tiny_project, workers):
+    root = tiny_project(features={"workers": workers})
+    first = {split: (root / f"data/features/{split}.pt").read_bytes() for split in ("train", "val", "test")}
     features.main()
-    assert (root / "data/features.pt").read_bytes() == first
+    assert {split: (root / f"data/features/{split}.pt").read_bytes() for split in ("train", "val", "test")} == first

@@ -81,12 +81,16 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     # An experiment on the strategy reruns only train and evaluate, and `dvc exp show` lists it.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline"], work, env)
-    experiment = run(["dvc", "exp", "run", "-S", "strategy=gradual", "-n", "try-gradual"], work, env)
+    experiment = run(["dvc", "exp", "run", "-S", "strategy=finetune", "-n", "try-finetune"], work, env)
     assert stages_run(experiment) == ["train", "evaluate"]
+    # A frozen experiment on the head's learning rate reuses the features and scores on them.
+    experiment = run(["dvc", "exp", "run", "-S", "strategy=frozen", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
+    assert stages_run(experiment) == ["train", "evaluate"] and "cached test features" in experiment
     shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     header, *rows = shown.strip().splitlines()
     assert "strategy" in header and "accuracy" in header
-    assert any("try-gradual" in row and "gradual" in row for row in rows)
+    assert any("try-finetune" in row and "finetune" in row for row in rows)
+    assert any("try-lr" in row and "0.003" in row for row in rows)
 
     # A param only the index reads reruns the index and what depends on it, not the download.
     params = yaml.safe_load((work / "params.yaml").read_text())

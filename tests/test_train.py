@@ -14,6 +14,7 @@ import torch
 
 from stages import train
 from stages.cli import UserError
+from stages.files import file_sha256
 from stages.models import classifier_from_checkpoint
 from tests.conftest import PROJECT_ROOT
 
@@ -37,27 +38,43 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert checkpoint["classes"] == ["blue", "red"] and checkpoint["strategy"] == "frozen"
     assert checkpoint["preprocessing"]["input_size"] == 160 and checkpoint["metrics"]["phase"] == "head"
     assert 1 <= checkpoint["epoch"] <= 3
+    assert checkpoint["pretrained_sha256"] == file_sha256(root / "models/pretrained.pt")
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     assert summary["best"]["epoch"] == checkpoint["epoch"] and summary["step"] == 2
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
     assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("strategy, epochs", [("finetune", 2), ("gradual", 5), ("scratch", 2)])
-def test_strategies_that_train_the_backbone(tiny_project, strategy, epochs):
-    root = tiny_project(strategy=strategy, train={"freeze_bn": strategy == "gradual"})
+@pytest.mark.parametrize("strategy, head_epochs, epochs", [("finetune", 3, 2), ("finetune", 0, 2), ("scratch", 3, 2)])
+def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs, epochs):
+    root = tiny_project(strategy=strategy, train={"head_epochs": head_epochs, "epochs": epochs})
     train.main()
     steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
-    assert len(steps) == 1 + epochs
-    model = classifier_from_checkpoint(load_model_checkpoint(root))
+    warm_head = strategy == "finetune" and head_epochs > 0
+    assert len(steps) == 1 + epochs + (head_epochs if warm_head else 0)
+    checkpoint = load_model_checkpoint(root)
+    model = classifier_from_checkpoint(checkpoint)
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
+    timing = json.loads((root / "metrics/train/time.json").read_text())
+    assert timing["compute"] > 0 and timing["data"] >= 0 and timing["validate"] > 0
+    assert ("head" in timing) == warm_head and timing["total"] >= timing["compute"]
     # Whatever epoch won, the backbone must have moved in the network phase.
     pretrained = backbone_state(root)
-    with torch.no_grad():
-        trained_backbone = {k.removeprefix("backbone."): v for k, v in load_model_checkpoint(root)["state_dict"].items()
-                            if k.startswith("backbone.")}
-    if load_model_checkpoint(root)["metrics"]["phase"] == "network":
+    trained_backbone = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()
+                        if k.startswith("backbone.")}
+    if checkpoint["metrics"]["phase"] == "network":
         assert any(not torch.equal(trained_backbone[k], pretrained[k]) for k in pretrained)
+
+
+def test_learning_rates_of_the_network_phase(project):
+    from stages.params import load_params
+
+    project(strategy="finetune", train={"lr": 0.01, "backbone_lr_mult": 0.1})
+    params = load_params()
+    assert train.learning_rates(params, warm_head=True) == pytest.approx((0.001, 0.001))
+    assert train.learning_rates(params, warm_head=False) == pytest.approx((0.001, 0.01))
+    project(strategy="scratch", train={"lr": 0.01})
+    assert train.learning_rates(load_params(), warm_head=False) == (0.01, 0.01)
 
 
 def test_training_is_deterministic_on_cpu(tiny_project):
@@ -97,7 +114,8 @@ def test_early_stopping_after_patience_epochs_without_progress(tiny_project, tmp
             yield train.EpochResult(i, "network", 1.0, 0.5, loss, acc, 0.1)
 
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        trainer = train.Trainer(model, params, ["a", "b"], prep, live)
+        trainer = train.Trainer(params, ["a", "b"], prep, live, None, "")
+        trainer.head, trainer.backbone = model.head, model.backbone
         trainer.run(epochs())
     assert consumed == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2: stop
     assert trainer.best.epoch == 2 and load_model_checkpoint(root)["epoch"] == 2
@@ -133,3 +151,17 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     checkpoint = load_model_checkpoint(root)
     assert checkpoint["epoch"] >= 1
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_mixed_precision_on_cpu_only_with_native_bf16(monkeypatch):
+    from stages import predict
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: False)
+    with predict.autocast(cpu, amp=True):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: True)
+    with predict.autocast(cpu, amp=True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with predict.autocast(cpu, amp=False):
+        assert not torch.is_autocast_enabled("cpu")
