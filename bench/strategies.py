@@ -1,11 +1,11 @@
 """The README's results table: each strategy as a DVC experiment on the current data.
 
-    python -m bench.strategies [--strategies frozen gradual finetune scratch]
+    python -m bench.strategies [--strategies frozen finetune scratch]
 
 Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME train evaluate`: the workspace is
 left alone, the data stages and features come from the cache, and train and evaluate are forced
 to run (DVC's run cache would otherwise restore a result computed before, in no time). The
-features stage, shared by frozen and gradual, is timed once on its own. Test metrics are read
+features stage, shared by frozen and finetune, is timed once on its own. Test metrics are read
 back from `dvc exp show --json`.
 """
 
@@ -48,7 +48,7 @@ def experiment_metrics(name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=["frozen", "gradual", "finetune", "scratch"])
+    parser.add_argument("--strategies", nargs="+", default=["frozen", "finetune", "scratch"])
     args = parser.parse_args()
     params = load_params()
     rows = []
@@ -67,7 +67,7 @@ def main() -> None:
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"The features stage, which frozen and gradual train on, took {feature_seconds:.0f} s "
+        f"The features stage, which frozen and finetune train their head on, took {feature_seconds:.0f} s "
         f"({params.features.views} augmented views per training image); `dvc exp run` reuses it from the cache.",
     ])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
