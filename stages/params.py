@@ -93,6 +93,7 @@ class TrainParams(Strict):
     epochs: Annotated[int, Field(ge=0)]
     head_epochs: Annotated[int, Field(ge=0)]
     batch_size: Annotated[int, Field(ge=1)]
+    head_batch_size: Annotated[int, Field(ge=1)]
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: PositiveFloat
     backbone_lr_mult: Annotated[float, Field(gt=0, le=1)]

@@ -161,7 +161,7 @@ def fit_head_on_features(head: nn.Module, train: dict, val: dict, params: Params
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
     generator = torch.Generator().manual_seed(params.train.seed)
-    batch_size = params.train.batch_size
+    batch_size = params.train.head_batch_size
     optimizer = build_optimizer([{"params": head.parameters(), "lr": params.train.lr}], params.train)
     scheduler = build_scheduler(optimizer, params.train, math.ceil(len(labels) / batch_size), params.train.head_epochs)
     for i in range(params.train.head_epochs):
