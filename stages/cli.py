@@ -11,10 +11,11 @@ class UserError(Exception):
     """Bad input the user can fix: printed as one line, no traceback, exit status 1."""
 
 
-def run_stage(main: Callable[[], None]) -> None:
+def run_stage(main: Callable[[], object]):
+    """Run `main` with logging set up; returns what it returns."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        main()
+        return main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
