@@ -8,6 +8,8 @@ CLASSES_JSON = Path("data/classes.json")
 PRETRAINED = Path("models/pretrained.pt")
 FEATURES_DIR = Path("data/features")
 MODEL = Path("models/model.pt")
+TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
+EXPORT_DIR = Path("models/export")
 
 
 def features_file(split: str) -> Path:
