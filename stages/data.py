@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stages.cli import UserError
 from stages.models import Preprocessing
@@ -78,19 +79,60 @@ def train_transform(prep: Preprocessing, augment: AugmentParams):
 
 
 class ImageDataset(Dataset):
-    """Rows of the index as (image tensor, label) pairs."""
+    """Rows of the index as (image tensor, label) pairs.
 
-    def __init__(self, rows: pd.DataFrame, transform, decode_size: int | None):
+    Items are asked for as (epoch, index) pairs (see EpochSampler), and random transforms draw
+    from torch's generator seeded by (seed, epoch, index): an epoch's augmentations are the same
+    whatever the number of loader workers, and a resumed run repeats them exactly.
+    """
+
+    def __init__(self, rows: pd.DataFrame, transform, decode_size: int | None, seed: int = 0):
         self.paths = [RAW_DIR / p for p in rows["path"]]
         self.labels = rows["label"].tolist()
         self.transform = transform
         self.decode_size = decode_size
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.paths[i], self.decode_size)), self.labels[i]
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        image = load_image(self.paths[i], self.decode_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, epoch, i))
+            return self.transform(image), self.labels[i]
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_003 + index
+
+
+class EpochSampler(Sampler):
+    """One epoch's items as (epoch, index) pairs, shuffled by (seed, epoch), so that any epoch can
+    be replayed exactly: after a restart, or on another number of workers. With `world_size` > 1
+    each process takes every world_size-th item from `rank` on, the order padded by repeating its
+    start to a multiple of world_size (as DistributedSampler does), so every process runs the same
+    number of steps."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(item_seed(self.seed, self.epoch, 0)))
+        else:
+            order = torch.arange(self.size)
+        padded = order.tolist()
+        padded += padded[: len(self) * self.world_size - self.size]
+        return iter([(self.epoch, i) for i in padded[self.rank :: self.world_size]])
 
 
 def decode_size(prep: Preprocessing, augmented: bool = False) -> int:
@@ -106,13 +148,14 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool,
-                persistent: bool = True) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, workers: int, pin_memory: bool,
+                seed: int = 0, persistent: bool = True) -> DataLoader:
     """Worker processes decode and augment ahead of the model (several batches each), pinned
-    memory lets a GPU copy overlap compute, and persistent workers skip a restart per epoch."""
-    generator = torch.Generator().manual_seed(seed)
+    memory lets a GPU copy overlap compute, and persistent workers skip a restart per epoch.
+    No sampler: the dataset in order. The workers' seeds come from `seed`, not from torch's global
+    generator, whose draws (dropout) must not depend on when a loader starts."""
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        worker_init_fn=seed_worker, persistent_workers=persistent and workers > 0, pin_memory=pin_memory,
-        prefetch_factor=4 if workers > 0 else None,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=persistent and workers > 0,
+        pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
     )

@@ -110,8 +110,8 @@ def predict_test_split(checkpoint: dict, rows: pd.DataFrame, params: EvaluatePar
     device = pick_device()
     model = classifier_from_checkpoint(checkpoint).to(device, memory_format=torch.channels_last)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, False,
-                         params.workers, 0, device.type == "cuda", persistent=False)
+    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, None,
+                         params.workers, device.type == "cuda", persistent=False)
     return predict(model, loader, device, params.tta, channels_last=True, desc="testing")
 
 

@@ -93,8 +93,8 @@ def split_features(split: str, backbone, prep: Preprocessing, params: Params, de
     views = view_names(mirrored, augmented)
     # batch_size counts backbone inputs: small batches run faster on CPU (they stay in cache).
     images_per_batch = max(1, params.features.batch_size // len(views))
-    loader = make_loader(dataset, images_per_batch, False, params.features.workers, params.features.seed,
-                         device.type == "cuda", persistent=False)
+    loader = make_loader(dataset, images_per_batch, None, params.features.workers, device.type == "cuda",
+                         params.features.seed, persistent=False)
     features = extract(backbone, loader, device, f"features {split}")
     log.info("%s: %d images x %d views -> %s", split, len(rows), len(views), tuple(features.shape))
     return {"views": views, "features": features, "labels": torch.tensor(rows["label"].tolist()),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -244,7 +245,9 @@ def preprocessing_for(backbone_name: str, weights: str) -> Preprocessing:
             input_size=transforms.crop_size[0], resize_size=transforms.resize_size[0],
             mean=tuple(transforms.mean), std=tuple(transforms.std), interpolation=transforms.interpolation.value,
         )
-    config = timm.create_model(backbone.name, pretrained=False).pretrained_cfg
+    # The registry's config, without building the network just to read it.
+    config = timm.models.get_pretrained_cfg(backbone.name)
+    config = config.to_dict() if config is not None else timm.create_model(backbone.name, pretrained=False).pretrained_cfg
     size = config["input_size"][-1]
     return Preprocessing(
         input_size=size, resize_size=int(round(size / config.get("crop_pct", 0.875))),
@@ -273,8 +276,9 @@ def load_pretrained_backbone(path: Path, device: torch.device) -> tuple[nn.Modul
 # --- devices ---------------------------------------------------------------------------------
 
 def pick_device() -> torch.device:
+    """CUDA (under torchrun, the GPU of this process's LOCAL_RANK), then MPS, then CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

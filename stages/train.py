@@ -13,13 +13,17 @@ never read here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,13 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.cli import UserError, run_stage
-from stages.data import (ImageDataset, decode_size, eval_transform, make_loader, read_classes, read_split,
-                         train_transform)
+from stages.data import (EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_classes,
+                         read_split, train_transform)
 from stages.files import file_sha256, save_torch_atomic, write_json_atomic
 from stages.models import (Classifier, Preprocessing, build_classifier, head_config, make_head, pick_device,
                            read_pretrained)
 from stages.params import Params, TrainParams, load_params
-from stages.paths import MODEL, PRETRAINED, features_file
+from stages.paths import INDEX_CSV, MODEL, PRETRAINED, TRAIN_STATE, features_file
 from stages.plots import save_learning_curves
 from stages.predict import autocast, evaluate, head_probabilities, summarize, to_device
 
@@ -135,7 +139,33 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         waited_from = time.perf_counter()
         timing["compute"] += waited_from - computing_from
+    total_loss, correct, seen = sum_over_processes(total_loss, correct, seen)
     return total_loss / seen, correct / seen
+
+
+# --- several processes (torchrun) --------------------------------------------------------------
+
+def start_distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) join the process group, NCCL on GPUs,
+    gloo on CPUs; else (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world_size
+
+
+def sum_over_processes(*values: float) -> list[float]:
+    """Each value summed over every process (itself alone when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return totals.tolist()
 
 
 # --- the two phases --------------------------------------------------------------------------
@@ -156,7 +186,8 @@ def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 def fit_head_on_features(head: nn.Module, train: dict, val: dict, params: Params, criterion, first_epoch: int,
                          timing: Counter):
-    """Train the head on cached backbone features; yields one EpochResult per epoch."""
+    """Train the head on cached backbone features; yields (EpochResult, None) per epoch: head
+    epochs take milliseconds, so an interrupted head phase starts over rather than resuming."""
     views = train["features"].shape[1]
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
@@ -174,7 +205,7 @@ def fit_head_on_features(head: nn.Module, train: dict, val: dict, params: Params
                                                 scheduler, criterion, torch.device("cpu"), epoch, progress=False)
         probs = head_probabilities(head, val, params.evaluate.tta)
         timing["head"] += time.perf_counter() - started
-        yield EpochResult(epoch, "head", train_loss, train_acc, *summarize(probs, val["labels"]), lr)
+        yield EpochResult(epoch, "head", train_loss, train_acc, *summarize(probs, val["labels"]), lr), None
 
 
 def keep_batchnorm_statistics(module: nn.Module) -> None:
@@ -186,21 +217,40 @@ def keep_batchnorm_statistics(module: nn.Module) -> None:
 
 
 def fit_network(model: Classifier, params: Params, prep: Preprocessing, device: torch.device, criterion,
-                first_epoch: int, backbone_lr: float, head_lr: float, timing: Counter):
-    """Train every layer on images; yields one EpochResult per epoch."""
+                first_epoch: int, backbone_lr: float, head_lr: float, timing: Counter, resume: dict | None = None,
+                rank: int = 0, world_size: int = 1):
+    """Train every layer on images; yields (EpochResult, state to resume from) per epoch.
+
+    `resume` is such a state: the optimizer, scheduler and scaler continue where they were, and
+    the epochs already done are skipped (each epoch's order and augmentations depend only on the
+    seed and its number, so the rest runs as it would have)."""
     p = params.train
     pin = device.type == "cuda"
-    train_set = ImageDataset(read_split("train"), train_transform(prep, params.augment), decode_size(prep, True))
+    train_set = ImageDataset(read_split("train"), train_transform(prep, params.augment), decode_size(prep, True), p.seed)
     val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
-    train_loader = make_loader(train_set, p.batch_size, True, p.workers, p.seed, pin)
-    val_loader = make_loader(val_set, params.evaluate.batch_size, False, p.workers, p.seed, pin)
+    # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
+    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=rank, world_size=world_size)
+    train_loader = make_loader(train_set, p.batch_size, train_sampler, p.workers, pin, p.seed)
+    val_loader = make_loader(val_set, params.evaluate.batch_size, None, p.workers, pin, p.seed)
     groups = [{"params": model.backbone.parameters(), "lr": backbone_lr}, {"params": model.head.parameters(), "lr": head_lr}]
     optimizer = build_optimizer(groups, p)
     scheduler = build_scheduler(optimizer, p, len(train_loader), p.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=p.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    runner = torch.compile(model) if p.compile else model
-    for i in range(p.epochs):
+    done = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        done = resume["epochs_done"]
+    runner = model
+    if world_size > 1:
+        # Gradients are averaged across processes after each backward pass.
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if p.compile:
+        runner = torch.compile(runner)
+    for i in range(done, p.epochs):
         epoch = first_epoch + i
+        train_sampler.set_epoch(i)
         runner.train()
         if p.freeze_bn:
             keep_batchnorm_statistics(model.backbone)
@@ -210,9 +260,13 @@ def fit_network(model: Classifier, params: Params, prep: Preprocessing, device: 
             timing=timing,
         )
         started = time.perf_counter()
-        val_loss, val_acc = evaluate(runner, val_loader, device, params.evaluate.tta, p.amp, p.channels_last)
+        # Every process scores the whole val split with the same weights, so all agree on the best
+        # epoch; DDP's wrapper is for training only.
+        val_loss, val_acc = evaluate(model, val_loader, device, params.evaluate.tta, p.amp, p.channels_last)
         timing["validate"] += time.perf_counter() - started
-        yield EpochResult(epoch, "network", train_loss, train_acc, val_loss, val_acc, lr)
+        state = {"epochs_done": i + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict()}
+        yield EpochResult(epoch, "network", train_loss, train_acc, val_loss, val_acc, lr), state
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -255,20 +309,24 @@ def unprefixed(prefix: str, state: dict) -> dict:
 
 
 class Trainer:
-    """Runs the phases a strategy asks for, logs every epoch and keeps the best one.
+    """Runs the phases a strategy asks for, logs every epoch, keeps the best one, and leaves a
+    state to resume from after each network epoch.
 
     Until a network phase attaches the whole model, only the head exists: the backbone is the
     pretrained state, saved as it is, so a frozen run never builds (or imports) the backbone.
     """
 
-    def __init__(self, params: Params, classes: list[str], prep: Preprocessing, live: Live,
-                 pretrained: dict | None, pretrained_sha256: str):
+    def __init__(self, params: Params, classes: list[str], prep: Preprocessing, live: Live | None,
+                 pretrained: dict | None, pretrained_sha256: str, fingerprint: str = ""):
+        # Under torchrun every process keeps the same books; only the first (with `live`) writes.
         self.params, self.classes, self.prep, self.live = params, classes, prep, live
-        self.pretrained, self.pretrained_sha256 = pretrained, pretrained_sha256
+        self.writes = live is not None
+        self.pretrained, self.pretrained_sha256, self.fingerprint = pretrained, pretrained_sha256, fingerprint
         self.head: nn.Module | None = None
         self.backbone: nn.Module | None = None
         self.best: EpochResult | None = None
         self.best_state: dict | None = None  # the best epoch's state while it is not yet on disk
+        self.best_checkpoint: dict | None = None  # what models/model.pt holds
         self.history: list[EpochResult] = []
         self.timing: Counter = Counter()  # seconds: head, data, compute, validate
 
@@ -278,21 +336,29 @@ class Trainer:
         return {**prefixed("backbone", backbone), **prefixed("head", self.head.state_dict())}
 
     def run(self, epochs) -> None:
-        """Consume a phase's epochs, stopping early after `train.patience` epochs without progress."""
+        """Consume a phase's (result, resume state) pairs, stopping early after `train.patience`
+        epochs without progress."""
         stale = 0
-        for result in epochs:
+        for result, state in epochs:
             self.record(result)
+            if state is not None:
+                self.save_resume_state(network=state)
             stale = 0 if result is self.best else stale + 1
             if self.params.train.patience and stale >= self.params.train.patience:
                 log.info("no better val score for %d epochs: stopping this phase early", stale)
                 return
 
-    def record(self, result: EpochResult) -> None:
-        self.history.append(result)
+    def log_epoch(self, result: EpochResult) -> None:
+        if self.live is None:
+            return
         for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
             self.live.log_metric(name.replace("_", "/", 1), getattr(result, name))
         self.live.log_metric("lr", result.lr)
         self.live.next_step()
+
+    def record(self, result: EpochResult) -> None:
+        self.history.append(result)
+        self.log_epoch(result)
         improved = result.beats(self.best)
         log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e%s",
                  result.epoch, result.phase, result.train_loss, result.train_acc, result.val_loss, result.val_acc,
@@ -306,17 +372,75 @@ class Trainer:
     def save_best(self) -> None:
         """Write the best epoch so far to models/model.pt, atomically, unless it is there already."""
         if self.best is not None and self.best_state is not None:
-            save_torch_atomic(MODEL, checkpoint(self.best_state, self.params, self.classes, self.prep, self.best,
-                                                self.pretrained_sha256))
+            self.best_checkpoint = checkpoint(self.best_state, self.params, self.classes, self.prep, self.best,
+                                              self.pretrained_sha256)
+            if self.writes:
+                save_torch_atomic(MODEL, self.best_checkpoint)
             self.best_state = None
 
     def restore_best(self) -> None:
         self.save_best()
-        if self.best is not None:
-            state = torch.load(MODEL, map_location="cpu", weights_only=True)["state_dict"]
+        if self.best_checkpoint is not None:
+            state = self.best_checkpoint["state_dict"]
             self.head.load_state_dict(unprefixed("head", state))
             if self.backbone is not None:
                 self.backbone.load_state_dict(unprefixed("backbone", state))
+
+    # --- resuming ----------------------------------------------------------------------------
+    # DVC deletes a stage's outputs before running it, except persistent ones: models/train_state.pt
+    # is one (dvc.yaml), so a run killed by SIGKILL or a power cut finds it when `dvc repro` runs
+    # again, and continues after its last completed epoch if params and inputs are the same.
+
+    def save_resume_state(self, network: dict | None = None, complete: bool = False) -> None:
+        self.save_best()
+        if not self.writes:
+            return
+        state = {"fingerprint": self.fingerprint, "complete": complete}
+        if not complete:
+            state.update(history=[asdict(r) for r in self.history], best_checkpoint=self.best_checkpoint,
+                         model=self.state_dict(), network=network, rng=torch.get_rng_state(),
+                         timing=dict(self.timing))
+        save_torch_atomic(TRAIN_STATE, state)
+
+    def resume(self, state: dict) -> None:
+        """Take over an interrupted run's history, best epoch and timing; the caller restores the
+        model from state["model"], the network phase from state["network"] and torch's random
+        generator from state["rng"] where the interrupted run saved it."""
+        self.history = [EpochResult(**r) for r in state["history"]]
+        for result in self.history:
+            self.log_epoch(result)
+        self.best_checkpoint = state["best_checkpoint"]
+        self.best = EpochResult(**self.best_checkpoint["metrics"])
+        if self.writes:
+            save_torch_atomic(MODEL, self.best_checkpoint)
+        self.timing.update(state["timing"])
+        log.info("resuming an interrupted run after epoch %d (best so far: epoch %d)",
+                 self.history[-1].epoch, self.best.epoch)
+
+
+def run_fingerprint(params: Params, inputs: list[Path]) -> str:
+    """What a run's result depends on: every param, and the content of its input files."""
+    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
+    for path in inputs:
+        digest.update(f"{path}:{file_sha256(path) if path.is_file() else 'missing'}".encode())
+    return digest.hexdigest()
+
+
+def read_resume_state(fingerprint: str) -> dict | None:
+    """The state an interrupted run left, if it is one of the same params and inputs."""
+    if not TRAIN_STATE.is_file():
+        return None
+    try:
+        state = torch.load(TRAIN_STATE, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an unreadable state only means starting afresh
+        log.info("%s unreadable (%s): starting afresh", TRAIN_STATE, type(error).__name__)
+        return None
+    if state.get("complete"):
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("%s is from a run with other params or inputs: starting afresh", TRAIN_STATE)
+        return None
+    return state
 
 
 def learning_rates(params: Params, warm_head: bool) -> tuple[float, float]:
@@ -341,9 +465,54 @@ def read_head_features(pretrained_sha256: str) -> tuple[dict, dict]:
     return train, val
 
 
+def head_phase(trainer: Trainer, criterion, resumed: dict | None) -> None:
+    """A new head on the cached features; or, resuming, the head the interrupted run left."""
+    params = trainer.params
+    train_features, val_features = read_head_features(trainer.pretrained_sha256)
+    width = train_features["features"].shape[-1]
+    trainer.head = make_head(width, len(trainer.classes), **head_config(params.model))
+    if resumed is not None:
+        trainer.resume(resumed)
+        trainer.head.load_state_dict(unprefixed("head", resumed["model"]))
+        return
+    trainer.run(fit_head_on_features(trainer.head, train_features, val_features, params, criterion, 1, trainer.timing))
+    trainer.restore_best()
+    trainer.save_resume_state()
+
+
+def network_phase(trainer: Trainer, device: torch.device, criterion, warm_head: bool, resumed: dict | None,
+                  rank: int, world_size: int) -> None:
+    """Every layer on the images, from the warm head, the pretrained backbone or random weights."""
+    params = trainer.params
+    # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if resumed is not None and resumed["network"] is None:
+        torch.set_rng_state(resumed["rng"])  # as it was when the head phase ended
+    model = build_classifier(params.model.backbone, len(trainer.classes), head_config(params.model))
+    if params.strategy != "scratch":
+        model.backbone.load_state_dict(trainer.pretrained)
+    if warm_head:
+        model.head = trainer.head
+    if resumed is not None:
+        if not warm_head:
+            trainer.resume(resumed)
+        model.load_state_dict(resumed["model"])
+    trainer.head, trainer.backbone = model.head, model.backbone
+    model.to(device)
+    if params.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    first_epoch = (params.train.head_epochs if warm_head else 0) + 1
+    if resumed is not None and resumed["network"] is not None:
+        torch.set_rng_state(resumed["rng"])  # as it was after the last completed epoch
+    trainer.run(fit_network(model, params, trainer.prep, device, criterion, first_epoch,
+                            *learning_rates(params, warm_head), trainer.timing,
+                            resumed["network"] if resumed is not None else None, rank, world_size))
+
+
 def main() -> None:
     started = time.perf_counter()
     params = load_params()
+    rank, world_size = start_distributed()
     torch.manual_seed(params.train.seed)
     stop_on_sigterm()
     device = pick_device()
@@ -356,32 +525,19 @@ def main() -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
     warm_head = params.strategy == "frozen" or (params.strategy == "finetune" and params.train.head_epochs > 0)
     log.info("strategy %s, backbone %s, %d classes, device %s", params.strategy, params.model.backbone, len(classes), device)
+    pretrained_sha256 = file_sha256(PRETRAINED)
+    fingerprint = run_fingerprint(params, [PRETRAINED, INDEX_CSV, features_file("train"), features_file("val")])
+    resumed = read_resume_state(fingerprint)
 
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        pretrained_sha256 = file_sha256(PRETRAINED)
-        trainer = Trainer(params, classes, prep, live, pretrained["state_dict"], pretrained_sha256)
+    if world_size > 1:
+        log.info("process %d of %d", rank, world_size)
+    with (Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if rank == 0 else nullcontext()) as live:
+        trainer = Trainer(params, classes, prep, live, pretrained["state_dict"], pretrained_sha256, fingerprint)
         try:
             if warm_head:
-                train_features, val_features = read_head_features(pretrained_sha256)
-                width = train_features["features"].shape[-1]
-                trainer.head = make_head(width, len(classes), **head_config(params.model))
-                trainer.run(fit_head_on_features(trainer.head, train_features, val_features, params, criterion, 1,
-                                                 trainer.timing))
-                trainer.restore_best()
+                head_phase(trainer, criterion, resumed)
             if params.strategy != "frozen":
-                # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
-                torch.use_deterministic_algorithms(True, warn_only=True)
-                model = build_classifier(params.model.backbone, len(classes), head_config(params.model))
-                if params.strategy != "scratch":
-                    model.backbone.load_state_dict(pretrained["state_dict"])
-                if warm_head:
-                    model.head = trainer.head
-                trainer.head, trainer.backbone = model.head, model.backbone
-                model.to(device)
-                if params.train.channels_last:
-                    model.to(memory_format=torch.channels_last)
-                trainer.run(fit_network(model, params, prep, device, criterion, len(trainer.history) + 1,
-                                        *learning_rates(params, warm_head), trainer.timing))
+                network_phase(trainer, device, criterion, warm_head, resumed, rank, world_size)
         except KeyboardInterrupt:
             trainer.save_best()
             log.error("interrupted: %s keeps the best epoch so far (%s)", MODEL,
@@ -389,9 +545,15 @@ def main() -> None:
             sys.exit(130)
         trainer.save_best()
         best = trainer.best
-        live.summary["best"] = asdict(best)
+        if live is not None:
+            live.summary["best"] = asdict(best)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return
     save_learning_curves(trainer.history, best.epoch, CURVES_PNG)
     write_timing(trainer, started)
+    trainer.save_resume_state(complete=True)
     log.info("best epoch %d (%s): val acc %.4f, val loss %.4f", best.epoch, best.phase, best.val_acc, best.val_loss)
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from stages import train
 from stages.cli import UserError
@@ -165,3 +166,58 @@ def test_mixed_precision_on_cpu_only_with_native_bf16(monkeypatch):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with predict.autocast(cpu, amp=False):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def run_train(root, env) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_project):
+    root = tiny_project(strategy="finetune", model={"dropout": 0.3},
+                        train={"head_epochs": 2, "epochs": 6, "workers": 1, "scheduler": "onecycle"})
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    run_train(root, env)
+    reference = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
+    state_file = root / "models/train_state.pt"
+    assert torch.load(state_file, weights_only=True)["complete"]  # a finished run is not resumed: it starts afresh
+
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before its second epoch"
+        try:
+            state = torch.load(state_file, weights_only=True)
+        except (EOFError, RuntimeError, FileNotFoundError):
+            continue
+        if not state["complete"] and (state["network"] or {}).get("epochs_done", 0) >= 2:
+            break
+        time.sleep(0.02)
+    process.kill()  # SIGKILL: no handler runs, as after a power cut
+    process.wait()
+    killed = torch.load(state_file, weights_only=True)
+    assert not killed["complete"] and 2 <= killed["network"]["epochs_done"] < 6
+
+    resumed = run_train(root, env)
+    assert f"resuming an interrupted run after epoch {2 + killed['network']['epochs_done']}" in resumed.stderr
+    assert (root / "metrics/train/metrics.json").read_text() == reference[0]
+    final = load_model_checkpoint(root)["state_dict"]
+    assert all(torch.equal(final[k], reference[1][k]) for k in reference[1])
+    steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
+    assert len(steps) == 1 + 2 + 6  # the interrupted run's epochs are logged once
+
+    # With other params, a leftover state is not used.
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (process.poll() is None and not torch.load(state_file, weights_only=True)["complete"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.02
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    fresh = run_train(root, env)
+    assert "resuming" not in fresh.stderr and "from a run with other params or inputs: starting afresh" in fresh.stderr
