@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     work, env = pipeline_copy
     output = run(["dvc", "repro"], work, env)
     assert "using offline copy" in output and "tiny_data.zip" in output
-    assert stages_run(output) == ["download", "index", "weights", "features", "train", "evaluate"]
+    assert stages_run(output) == ["download", "index", "weights", "features", "train", "evaluate", "export"]
 
     summary = json.loads((work / "metrics/data.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
@@ -82,10 +83,10 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline"], work, env)
     experiment = run(["dvc", "exp", "run", "-S", "strategy=finetune", "-n", "try-finetune"], work, env)
-    assert stages_run(experiment) == ["train", "evaluate"]
+    assert stages_run(experiment) == ["train", "evaluate", "export"]
     # A frozen experiment on the head's learning rate reuses the features and scores on them.
     experiment = run(["dvc", "exp", "run", "-S", "strategy=frozen", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["train", "evaluate"] and "cached test features" in experiment
+    assert stages_run(experiment) == ["train", "evaluate", "export"] and "cached test features" in experiment
     shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     header, *rows = shown.strip().splitlines()
     assert "strategy" in header and "accuracy" in header
@@ -96,10 +97,40 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["index"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], work, env)) == ["index", "features", "train", "evaluate"]
+    assert stages_run(run(["dvc", "repro"], work, env)) == ["index", "features", "train", "evaluate", "export"]
 
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "another seed"], work, env)
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], work, env))
     assert diff["metrics/train/metrics.json"]["train.loss"]["diff"] != 0
+
+    # Sweeps: queue two experiments, run them two at a time; both land in `dvc exp show`.
+    for lr in ("0.004", "0.006"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"sweep-{lr}"], work, env)
+    run(["dvc", "queue", "start", "--jobs", "2"], work, env)
+    deadline = time.monotonic() + 300
+    while True:
+        status = run(["dvc", "queue", "status"], work, env)
+        assert "Failed" not in status, status + run(["dvc", "queue", "logs", "sweep-0.004"], work, env)
+        if status.count("Success") >= 2:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
+    for lr in ("0.004", "0.006"):
+        row = next(row for row in shown.splitlines() if f"sweep-{lr}" in row)
+        assert lr in row and "," in row
+
+    # Remote storage: push to a local-directory remote, clone, pull; then nothing to reproduce.
+    remote = work.parent / "remote"
+    run(["dvc", "remote", "add", "-d", "storage", str(remote)], work, env)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "remote"], work, env)
+    run(["dvc", "push"], work, env)
+    clone = work.parent / "clone"
+    run(["git", "clone", "-q", str(work), str(clone)], work.parent, env)
+    run(["dvc", "pull"], clone, env)
+    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt"):
+        assert (clone / path).exists(), path
+    assert stages_run(run(["dvc", "repro"], clone, env)) == []
