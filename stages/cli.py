@@ -19,3 +19,7 @@ def run_stage(main: Callable[[], object]):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM turned into it (train), even while cleaning up: the usual status, no traceback.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

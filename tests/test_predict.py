@@ -43,6 +43,7 @@ def test_predict_matches_evaluate_and_reports_unreadable_files(trained_project):
     broken = table[table.path.str.endswith("broken.jpg")].iloc[0]
     assert broken.predicted == "" and "UnidentifiedImageError" in broken.error
     good = table[table.error == ""].assign(name=lambda t: t.path.map(lambda p: Path(p).name)).set_index("name")
+    good = good.astype({c: float for c in good.columns if c.endswith("probability")})
     expected = expected.assign(name=expected.path.map(lambda p: Path(p).name)).set_index("name")
     assert (good.predicted == expected.predicted.reindex(good.index)).all()
     assert good.top1_class.tolist() == good.predicted.tolist()

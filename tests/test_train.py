@@ -112,7 +112,7 @@ def test_early_stopping_after_patience_epochs_without_progress(tiny_project, tmp
     def epochs():
         for i, (acc, loss) in enumerate(scores, start=1):
             consumed.append(i)
-            yield train.EpochResult(i, "network", 1.0, 0.5, loss, acc, 0.1)
+            yield train.EpochResult(i, "network", 1.0, 0.5, loss, acc, 0.1), None
 
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
         trainer = train.Trainer(params, ["a", "b"], prep, live, None, "")
