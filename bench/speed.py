@@ -46,19 +46,25 @@ TRACKED = ["params.yaml", "dvc.lock", "metrics"]
 
 @contextmanager
 def peak_rss(pattern: str):
-    """Track the peak resident memory (MB) of processes whose command line matches `pattern`,
-    summed with their children (data-loader workers); yields a dict filled in on exit."""
+    """Track the peak memory (MB; proportional set size, so pages shared with data-loader workers
+    count once) of processes whose command line matches `pattern` and of their children, each
+    process once; yields a dict filled in on exit."""
     result = {"peak_mb": 0.0}
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            total = 0
+            family: dict[int, psutil.Process] = {}
             for process in psutil.process_iter(["cmdline"]):
                 try:
                     if re.search(pattern, " ".join(process.info["cmdline"] or [])):
-                        family = [process, *process.children(recursive=True)]
-                        total += sum(p.memory_info().rss for p in family)
+                        family.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+                except psutil.Error:
+                    continue
+            total = 0
+            for process in family.values():  # each process once; PSS splits pages shared with workers
+                try:
+                    total += getattr(process.memory_full_info(), "pss", process.memory_info().rss)
                 except psutil.Error:
                     continue
             result["peak_mb"] = max(result["peak_mb"], total / 2**20)
