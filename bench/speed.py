@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.readme_table import replace_block
+from bench.readme_table import publish
 from stages.params import load_params
 
 RESULTS = Path("bench/results/speed.md")
@@ -254,10 +254,7 @@ def main() -> None:
         *[f"| {what} | {value} | {target} |" for what, value, target in rows],
     ])
     print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table + "\n", encoding="utf-8")
-    replace_block("speed", table)
-    print(f"wrote {RESULTS} and README.md")
+    publish("speed", table, RESULTS)
 
 
 if __name__ == "__main__":

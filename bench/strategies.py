@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.readme_table import replace_block
+from bench.readme_table import publish
 from stages.params import load_params
 
 RESULTS = Path("bench/results/strategies.md")
@@ -70,10 +70,7 @@ def main() -> None:
         f"The features stage, which frozen and finetune train their head on, took {feature_seconds:.0f} s "
         f"({params.features.views} augmented views per training image); `dvc exp run` reuses it from the cache.",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table + "\n", encoding="utf-8")
-    replace_block("strategies", table)
-    print(f"wrote {RESULTS} and README.md")
+    publish("strategies", table, RESULTS)
 
 
 if __name__ == "__main__":
