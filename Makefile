@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
-# Stages run as `python -m stages.X` from dvc.yaml: the venv's python must come first on PATH.
+# Stages run as `python -m stages X` from dvc.yaml: the venv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
 
 .PHONY: run test bench clean-venv

@@ -7,29 +7,114 @@ Writes models/export/ with
                normalisation mean and std, interpolation, and the input and output names.
 Both networks take a float32 NCHW batch scaled to 0..1 and normalised with the sidecar's mean and
 std, and return class probabilities (softmax included), so their outputs can be compared directly.
+
+Each file is the backbone's export (images -> features) joined with the head's (features ->
+probabilities). When the model's backbone is still exactly the pretrained one (strategy frozen, or
+a finetune run whose best epoch was a head epoch), the backbone's export is the one the
+export_backbone stage made once for these weights: an experiment that changes only the head
+exports in about a second, without building or tracing the network. Any other backbone is
+exported here.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import tempfile
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
+import onnx
+import onnx.compose
 import torch
 from torch import nn
 
 from stages.cli import run_stage
-from stages.files import atomic_dir, write_json_atomic
-from stages.models import Preprocessing, classifier_from_checkpoint, load_checkpoint
-from stages.paths import EXPORT_DIR, MODEL
+from stages.files import atomic_dir, file_sha256, write_json_atomic
+from stages.models import Preprocessing, classifier_from_checkpoint, head_from_checkpoint, load_checkpoint, read_pretrained
+from stages.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, MODEL, PRETRAINED
 
 log = logging.getLogger("export")
 
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "image", "features", "probabilities"
 ONNX_OPSET = 17
+BACKBONE_TS, BACKBONE_ONNX, BACKBONE_JSON = "backbone.ts", "backbone.onnx", "backbone.json"
+
+
+class Probabilities(nn.Module):
+    """What both exported files compute: the head on the backbone's features, then a softmax."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(self.backbone(images)), dim=1)
 
 
 def probability_model(checkpoint: dict) -> nn.Module:
-    return nn.Sequential(classifier_from_checkpoint(checkpoint), nn.Softmax(dim=1)).eval()
+    """The checkpoint's network in PyTorch, computing what the exported files compute."""
+    model = classifier_from_checkpoint(checkpoint)
+    return Probabilities(model.backbone, model.head).eval()
+
+
+@contextmanager
+def quiet_exporters():
+    # torch marks TorchScript and the tracing ONNX exporter deprecated, in favour of
+    # torch.export; the files they write load in every runtime people serve with today.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, target, input_name: str, output_name: str) -> None:
+    torch.onnx.export(module, (example,), target, dynamo=False, opset_version=ONNX_OPSET,
+                      input_names=[input_name], output_names=[output_name],
+                      dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+
+
+def export_backbone(backbone: nn.Module, input_size: int, folder: Path) -> None:
+    """backbone.ts and backbone.onnx in `folder`: images -> features, batch size dynamic."""
+    backbone = backbone.eval().to(memory_format=torch.contiguous_format)
+    example = torch.rand(2, 3, input_size, input_size)
+    with quiet_exporters():
+        # The tests compare the exports with PyTorch, so tracing's own re-run check is not needed.
+        torch.jit.trace(backbone, example, check_trace=False).save(str(folder / BACKBONE_TS))
+        export_onnx(backbone, example, str(folder / BACKBONE_ONNX), INPUT_NAME, FEATURES_NAME)
+
+
+def join_with_head(backbone_folder: Path, head: nn.Module, folder: Path) -> None:
+    """model.ts and model.onnx in `folder`: the backbone's exports followed by the head and a softmax."""
+    head = head.eval()
+    width = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
+    buffer = io.BytesIO()
+    with quiet_exporters():
+        backbone = torch.jit.load(str(backbone_folder / BACKBONE_TS), map_location="cpu")
+        torch.jit.script(Probabilities(backbone, head)).save(str(folder / "model.ts"))
+        export_onnx(nn.Sequential(head, nn.Softmax(dim=1)), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
+    joined = onnx.compose.merge_models(onnx.load(str(backbone_folder / BACKBONE_ONNX)),
+                                       onnx.load_from_string(buffer.getvalue()),
+                                       io_map=[(FEATURES_NAME, FEATURES_NAME)])
+    onnx.save(joined, str(folder / "model.onnx"))
+
+
+def pretrained_backbone_export(checkpoint: dict) -> Path | None:
+    """The export_backbone stage's folder, if it was made from exactly this model's backbone weights."""
+    made_from = BACKBONE_EXPORT_DIR / BACKBONE_JSON
+    if not made_from.is_file() or not PRETRAINED.is_file():
+        return None
+    if json.loads(made_from.read_text())["pretrained_sha256"] != file_sha256(PRETRAINED):
+        return None
+    pretrained = read_pretrained(PRETRAINED)["state_dict"]
+    ours = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    # Compared tensor by tensor (BatchNorm statistics included), not by strategy: only weights
+    # that are bit for bit the pretrained ones may reuse its export.
+    same = pretrained is not None and ours.keys() == pretrained.keys() and all(
+        torch.equal(ours[k], pretrained[k]) for k in ours)
+    return BACKBONE_EXPORT_DIR if same else None
 
 
 def sidecar(checkpoint: dict, prep: Preprocessing) -> dict:
@@ -55,16 +140,16 @@ def sidecar(checkpoint: dict, prep: Preprocessing) -> dict:
 def main() -> None:
     checkpoint = load_checkpoint(MODEL)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    model = probability_model(checkpoint)
-    example = torch.rand(2, 3, prep.input_size, prep.input_size)
-    with atomic_dir(EXPORT_DIR) as tmp, warnings.catch_warnings(), torch.no_grad():
-        # torch marks TorchScript and the tracing ONNX exporter deprecated, in favour of
-        # torch.export; the files they write load in every runtime people serve with today.
-        warnings.simplefilter("ignore")
-        torch.jit.trace(model, example).save(str(tmp / "model.ts"))
-        torch.onnx.export(model, (example,), str(tmp / "model.onnx"), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    with atomic_dir(EXPORT_DIR) as tmp, tempfile.TemporaryDirectory() as scratch:
+        backbone_folder = pretrained_backbone_export(checkpoint)
+        if backbone_folder is not None:
+            log.info("the backbone is the pretrained one: joining its export (%s) with the head", backbone_folder)
+            head = head_from_checkpoint(checkpoint)
+        else:
+            model = classifier_from_checkpoint(checkpoint)
+            backbone_folder, head = Path(scratch), model.head
+            export_backbone(model.backbone, prep.input_size, backbone_folder)
+        join_with_head(backbone_folder, head, tmp)
         write_json_atomic(tmp / "model.json", sidecar(checkpoint, prep))
     log.info("%s (epoch %d) exported to %s: model.ts, model.onnx, model.json",
              checkpoint["backbone"], checkpoint["epoch"], EXPORT_DIR)

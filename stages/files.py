@@ -59,6 +59,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
     try:
         yield tmp
         if target.exists():

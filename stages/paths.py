@@ -10,6 +10,7 @@ FEATURES_DIR = Path("data/features")
 MODEL = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
 EXPORT_DIR = Path("models/export")
+BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone alone, for export to reuse
 
 
 def features_file(split: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from stages import export, train
+from stages import export, export_backbone, train
 from stages.data import eval_transform, load_image
 from stages.models import Preprocessing
 
@@ -22,29 +22,21 @@ def real_photos(prep: Preprocessing) -> torch.Tensor:
     return torch.stack([transform(load_image(path, prep.resize_size)) for path in sorted(FIXTURES.glob("*.jpg"))])
 
 
-def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project):
-    # The real EfficientNet-Lite0 (TF-style "same" padding included), with a head trained briefly.
-    root = tiny_project(strategy="frozen", model={"backbone": "efficientnet_lite0", "weights": "pretrained"},
-                        train={"head_epochs": 2})
-    train.main()
-    export.main()
+def check_exports_match_pytorch(root: Path, images: torch.Tensor | None = None) -> None:
+    """model.onnx and model.ts in models/export give the checkpoint's probabilities (PyTorch) within 1e-4."""
     folder = root / "models/export"
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.ts"]
-
     side = json.loads((folder / "model.json").read_text())
-    assert side["classes"] == ["blue", "red"] and side["input_size"] == 224 and side["resize_size"] == 256
-    assert side["mean"] == [0.5, 0.5, 0.5] and side["std"] == [0.5, 0.5, 0.5]
-    assert side["input"]["name"] == "image" and side["output"]["name"] == "probabilities"
-
-    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
     prep = Preprocessing(side["input_size"], side["resize_size"], tuple(side["mean"]), tuple(side["std"]),
                          side["interpolation"])
-    images = real_photos(prep)
-    assert len(images) == 8
+    images = real_photos(prep) if images is None else images
+    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
     with torch.inference_mode():
         expected = export.probability_model(checkpoint)(images).numpy()
+    np.testing.assert_allclose(expected.sum(1), 1.0, atol=1e-5)
 
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
     from_onnx = session.run(["probabilities"], {"image": images.numpy()})[0]
     np.testing.assert_allclose(from_onnx, expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(session.run(None, {"image": images[:3].numpy()})[0], expected[:3], atol=1e-4, rtol=0)
@@ -54,4 +46,52 @@ def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project):
         scripted = torch.jit.load(str(folder / "model.ts"))
     with torch.inference_mode():
         np.testing.assert_allclose(scripted(images).numpy(), expected, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(expected.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(scripted(images[:3]).numpy(), expected[:3], atol=1e-4, rtol=0)
+
+
+def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project, caplog):
+    # The real EfficientNet-Lite0 (TF-style "same" padding included), with a head trained briefly;
+    # frozen, so the export joins the export_backbone stage's backbone with the head.
+    root = tiny_project(strategy="frozen", model={"backbone": "efficientnet_lite0", "weights": "pretrained"},
+                        train={"head_epochs": 2})
+    train.main()
+    export_backbone.main()
+    assert sorted(p.name for p in (root / "models/backbone_export").iterdir()) == [
+        "backbone.json", "backbone.onnx", "backbone.ts"]
+    with caplog.at_level("INFO"):
+        export.main()
+    assert "joining its export" in caplog.text
+
+    side = json.loads((root / "models/export/model.json").read_text())
+    assert side["classes"] == ["blue", "red"] and side["input_size"] == 224 and side["resize_size"] == 256
+    assert side["mean"] == [0.5, 0.5, 0.5] and side["std"] == [0.5, 0.5, 0.5]
+    assert side["input"]["name"] == "image" and side["output"]["name"] == "probabilities"
+    check_exports_match_pytorch(root)
+
+
+def test_a_trained_backbone_is_exported_whole(tiny_project, caplog):
+    # finetune changes the backbone: the pretrained backbone's export must not be reused.
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "freeze_bn": False})
+    train.main()
+    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
+    assert checkpoint["metrics"]["phase"] == "network"
+    export_backbone.main()
+    with caplog.at_level("INFO"):
+        export.main()
+    assert "joining its export" not in caplog.text
+    size = json.loads((root / "models/export/model.json").read_text())["input_size"]
+    check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_stale_backbone_export_is_not_reused(tiny_project, caplog):
+    # A backbone export made from other weights (its pretrained file's hash differs) is ignored.
+    root = tiny_project(strategy="frozen")
+    train.main()
+    export_backbone.main()
+    made_from = root / "models/backbone_export/backbone.json"
+    made_from.write_text(json.dumps({**json.loads(made_from.read_text()), "pretrained_sha256": "0" * 64}))
+    with caplog.at_level("INFO"):
+        export.main()
+    assert "joining its export" not in caplog.text
+    size = json.loads((root / "models/export/model.json").read_text())["input_size"]
+    check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
