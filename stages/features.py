@@ -68,7 +68,7 @@ def inference_graph(backbone: torch.nn.Module, example: torch.Tensor) -> torch.n
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            return torch.jit.freeze(torch.jit.trace(backbone, example))
+            return torch.jit.freeze(torch.jit.trace(backbone, example, check_trace=False))
     except Exception as error:  # noqa: BLE001 - any failure here only costs speed
         log.info("running the backbone eagerly (%s: %s)", type(error).__name__, str(error).splitlines()[0])
         return backbone

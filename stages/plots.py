@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,14 +40,19 @@ def save_learning_curves(history: Sequence, best_epoch: int, path: Path) -> None
     save_figure(figure, path)
 
 
-def save_confusion_matrix(true: Sequence[str], predicted: Sequence[str], classes: list[str], path: Path) -> None:
-    """Counts of true vs predicted class, as a picture for reports (DVC draws its own from the CSV)."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
+def save_confusion_matrix(confusion, classes: list[str], path: Path) -> None:
+    """Counts of true (rows) vs predicted (columns) class, as a picture for reports (DVC draws
+    its own from the CSV); drawn like scikit-learn's ConfusionMatrixDisplay."""
     size = max(4, 0.6 * len(classes) + 2)
     figure, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(true, predicted, labels=classes, ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title("test confusion matrix")
+    ax.imshow(confusion, cmap="Blues")
+    threshold = confusion.max() / 2
+    for (row, column), count in np.ndenumerate(confusion):
+        ax.text(column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes,
+           xlabel="Predicted label", ylabel="True label", title="test confusion matrix")
+    plt.setp(ax.get_xticklabels(), rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
     save_figure(figure, path)
 
 

@@ -24,6 +24,27 @@ def test_scores_from_known_predictions():
     assert scores["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+def test_scores_agree_with_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    generator = torch.Generator().manual_seed(0)
+    # Five classes; class 3 is never predicted and class 4 never true, so zero divisions happen.
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    probs = torch.rand(200, 5, generator=generator)
+    probs[:, 3] = 0
+    probs = probs / probs.sum(1, keepdim=True)
+    classes = ["a", "b", "c", "d", "e"]
+    scores = score_test_predictions(probs, labels, classes)
+    y_true, y_pred, ids = labels.numpy(), probs.argmax(1).numpy(), list(range(5))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    assert scores["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert scores["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0))
+    for i, name in enumerate(classes):
+        assert scores["per_class"][name] == {"precision": pytest.approx(precision[i]), "recall": pytest.approx(recall[i]),
+                                             "f1": pytest.approx(f1[i]), "support": support[i]}
+    assert scores["per_class"]["d"]["precision"] == 0 and scores["per_class"]["e"]["support"] == 0
+
+
 @pytest.mark.parametrize("tta", ["none", "hflip"])
 def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
     root = tiny_project(evaluate={"tta": tta})
