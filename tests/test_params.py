@@ -46,10 +46,12 @@ def test_missing_key_is_named(project):
         load_params()
 
 
-def test_stage_prints_one_line_and_writes_nothing(project):
+@pytest.mark.parametrize("command", [["-m", "stages", "download"], ["-m", "stages.download"]])
+def test_stage_prints_one_line_and_writes_nothing(project, command):
+    # As dvc.yaml runs it (python -m stages NAME), and as the module itself.
     root = project(index={"seed": "x"})
     result = subprocess.run(
-        [sys.executable, "-m", "stages.download"], cwd=root, capture_output=True, text=True,
+        [sys.executable, *command], cwd=root, capture_output=True, text=True,
         env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 1
@@ -57,3 +59,13 @@ def test_stage_prints_one_line_and_writes_nothing(project):
         "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer (got 'x')"
     ]
     assert not (root / "data").exists()
+
+
+def test_every_dvc_stage_runs_through_python_m_stages():
+    from stages.__main__ import STAGES
+
+    pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    assert {name: stage["cmd"] for name, stage in pipeline.items()} == {
+        name: f"python -m stages {name}" for name in STAGES}
+    result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {download,index,")
