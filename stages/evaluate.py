@@ -145,8 +145,7 @@ def main() -> None:
     write_csv(table, PREDICTIONS_CSV)
     write_csv(table[["true", "predicted"]].rename(columns={"true": "actual"}), CONFUSION_CSV)
     save_pictures(table, params.grid_images)
-    index = {name: i for i, name in enumerate(classes)}
-    confusion = confusion_counts(table["true"].map(index).to_numpy(), table["predicted"].map(index).to_numpy(), len(classes))
+    confusion = confusion_counts(labels.numpy(), probs.argmax(1).numpy(), len(classes))
     save_confusion_matrix(confusion, classes, CONFUSION_PNG)
     log.info("test: accuracy %.4f, macro-F1 %.4f, loss %.4f on %d images (model from epoch %d)",
              metrics["accuracy"], metrics["macro_f1"], metrics["loss"], metrics["images"], checkpoint["epoch"])

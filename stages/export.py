@@ -33,7 +33,8 @@ from torch import nn
 
 from stages.cli import run_stage
 from stages.files import atomic_dir, file_sha256, write_json_atomic
-from stages.models import Preprocessing, classifier_from_checkpoint, head_from_checkpoint, load_checkpoint, read_pretrained
+from stages.models import (Classifier, Preprocessing, classifier_from_checkpoint, head_from_checkpoint, load_checkpoint,
+                           read_pretrained)
 from stages.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, MODEL, PRETRAINED
 
 log = logging.getLogger("export")
@@ -43,22 +44,14 @@ ONNX_OPSET = 17
 BACKBONE_TS, BACKBONE_ONNX, BACKBONE_JSON = "backbone.ts", "backbone.onnx", "backbone.json"
 
 
-class Probabilities(nn.Module):
-    """What both exported files compute: the head on the backbone's features, then a softmax."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.backbone(images)), dim=1)
+def with_softmax(model: nn.Module) -> nn.Module:
+    """What both exported files compute: the model's class scores turned into probabilities."""
+    return nn.Sequential(model, nn.Softmax(dim=1)).eval()
 
 
 def probability_model(checkpoint: dict) -> nn.Module:
     """The checkpoint's network in PyTorch, computing what the exported files compute."""
-    model = classifier_from_checkpoint(checkpoint)
-    return Probabilities(model.backbone, model.head).eval()
+    return with_softmax(classifier_from_checkpoint(checkpoint))
 
 
 @contextmanager
@@ -93,8 +86,8 @@ def join_with_head(backbone_folder: Path, head: nn.Module, folder: Path) -> None
     buffer = io.BytesIO()
     with quiet_exporters():
         backbone = torch.jit.load(str(backbone_folder / BACKBONE_TS), map_location="cpu")
-        torch.jit.script(Probabilities(backbone, head)).save(str(folder / "model.ts"))
-        export_onnx(nn.Sequential(head, nn.Softmax(dim=1)), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
+        torch.jit.script(with_softmax(Classifier(backbone, head))).save(str(folder / "model.ts"))
+        export_onnx(with_softmax(head), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
     joined = onnx.compose.merge_models(onnx.load(str(backbone_folder / BACKBONE_ONNX)),
                                        onnx.load_from_string(buffer.getvalue()),
                                        io_map=[(FEATURES_NAME, FEATURES_NAME)])
