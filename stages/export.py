@@ -12,7 +12,7 @@ Each file is the backbone's export (images -> features) joined with the head's (
 probabilities). When the model's backbone is still exactly the pretrained one (strategy frozen, or
 a finetune run whose best epoch was a head epoch), the backbone's export is the one the
 export_backbone stage made once for these weights: an experiment that changes only the head
-exports in about a second, without building or tracing the network. Any other backbone is
+exports in 2-3 s instead of about 8, without building or tracing the network. Any other backbone is
 exported here.
 """
 
