@@ -41,6 +41,7 @@ import torch
 
 from bench.readme_table import publish
 from stages.params import load_params
+from stages.predict import cpu_has_native_bf16
 
 RESULTS = Path("bench/results/speed.md")
 TRACKED = ["params.yaml", "dvc.lock", "metrics"]
@@ -257,7 +258,9 @@ def main() -> None:
     ]
     table = "\n".join([
         f"Measured {date.today()} by `python -m bench.speed` on {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, backbone `{backbone}`, hymenoptera "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{'native bf16 (AVX512-BF16 or AMX: train.amp autocasts)' if cpu_has_native_bf16() else 'no native bf16 (train.amp has no effect)'}, "
+        f"backbone `{backbone}`, hymenoptera "
         f"(recipe: {args.recipe_epochs} epochs, batch 4; ours: params.yaml):",
         "",
         "| what | measured | target |",
