@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from stages.cli import run_stage
-from stages.files import atomic_dir, file_sha256, write_json_atomic
+from stages.files import atomic_dir, write_json_atomic
 from stages.models import (Classifier, Preprocessing, classifier_from_checkpoint, head_from_checkpoint, load_checkpoint,
-                           read_pretrained)
+                           read_pretrained_and_sha256)
 from stages.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, MODEL, PRETRAINED
 
 log = logging.getLogger("export")
@@ -99,9 +99,10 @@ def pretrained_backbone_export(checkpoint: dict) -> Path | None:
     made_from = BACKBONE_EXPORT_DIR / BACKBONE_JSON
     if not made_from.is_file() or not PRETRAINED.is_file():
         return None
-    if json.loads(made_from.read_text())["pretrained_sha256"] != file_sha256(PRETRAINED):
+    pretrained, sha256 = read_pretrained_and_sha256(PRETRAINED)
+    if json.loads(made_from.read_text())["pretrained_sha256"] != sha256:
         return None
-    pretrained = read_pretrained(PRETRAINED)["state_dict"]
+    pretrained = pretrained["state_dict"]
     ours = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
     # Compared tensor by tensor (BatchNorm statistics included), not by strategy: only weights
     # that are bit for bit the pretrained ones may reuse its export.

@@ -16,7 +16,9 @@ timm and torchvision are imported inside the functions that use them: together t
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -256,11 +258,23 @@ def preprocessing_for(backbone_name: str, weights: str) -> Preprocessing:
     )
 
 
-def read_pretrained(path: Path) -> dict:
-    """The weights stage's output: backbone name, weights, preprocessing and state dict."""
+def require_pretrained(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: not found; run the weights stage first (dvc repro)")
+
+
+def read_pretrained(path: Path) -> dict:
+    """The weights stage's output: backbone name, weights, preprocessing and state dict."""
+    require_pretrained(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_pretrained_and_sha256(path: Path) -> tuple[dict, str]:
+    """read_pretrained, and the file's sha256 (which names the weights a model or export started
+    from) from the same read of the file."""
+    require_pretrained(path)
+    raw = path.read_bytes()
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), hashlib.sha256(raw).hexdigest()
 
 
 def load_pretrained_backbone(path: Path, device: torch.device) -> tuple[nn.Module, Preprocessing]:

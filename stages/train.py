@@ -37,7 +37,7 @@ from stages.data import (EpochSampler, ImageDataset, decode_size, eval_transform
                          read_split, train_transform)
 from stages.files import file_sha256, save_torch_atomic, write_json_atomic
 from stages.models import (Classifier, Preprocessing, build_classifier, head_config, make_head, pick_device,
-                           read_pretrained)
+                           read_pretrained_and_sha256)
 from stages.params import Params, TrainParams, load_params
 from stages.paths import INDEX_CSV, MODEL, PRETRAINED, TRAIN_STATE, features_file
 from stages.plots import save_learning_curves
@@ -418,11 +418,14 @@ class Trainer:
                  self.history[-1].epoch, self.best.epoch)
 
 
-def run_fingerprint(params: Params, inputs: list[Path]) -> str:
-    """What a run's result depends on: every param, and the content of its input files."""
+def run_fingerprint(params: Params, inputs: list[Path], known_sha256: dict[Path, str] | None = None) -> str:
+    """What a run's result depends on: every param, and the content of its input files (hashed
+    here unless `known_sha256` has them)."""
+    known_sha256 = known_sha256 or {}
     digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
     for path in inputs:
-        digest.update(f"{path}:{file_sha256(path) if path.is_file() else 'missing'}".encode())
+        sha256 = known_sha256.get(path) or (file_sha256(path) if path.is_file() else "missing")
+        digest.update(f"{path}:{sha256}".encode())
     return digest.hexdigest()
 
 
@@ -517,7 +520,7 @@ def main() -> None:
     stop_on_sigterm()
     device = pick_device()
     classes = read_classes()
-    pretrained = read_pretrained(PRETRAINED)
+    pretrained, pretrained_sha256 = read_pretrained_and_sha256(PRETRAINED)
     if params.strategy != "scratch" and pretrained["state_dict"] is None:
         raise UserError(f"params.yaml: strategy {params.strategy} needs pretrained weights, but model.weights is none; "
                         "use strategy scratch or set model.weights")
@@ -525,8 +528,8 @@ def main() -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
     warm_head = params.strategy == "frozen" or (params.strategy == "finetune" and params.train.head_epochs > 0)
     log.info("strategy %s, backbone %s, %d classes, device %s", params.strategy, params.model.backbone, len(classes), device)
-    pretrained_sha256 = file_sha256(PRETRAINED)
-    fingerprint = run_fingerprint(params, [PRETRAINED, INDEX_CSV, features_file("train"), features_file("val")])
+    fingerprint = run_fingerprint(params, [PRETRAINED, INDEX_CSV, features_file("train"), features_file("val")],
+                                  {PRETRAINED: pretrained_sha256})
     resumed = read_resume_state(fingerprint)
 
     if world_size > 1:
