@@ -256,10 +256,11 @@ def main() -> None:
          f"{index_large[1]:.0f} MB ({index_small[1]:.0f} MB at {max(1, args.index_images // 5)} images)",
          ">= 300 images/s, flat memory"),
     ]
+    bf16 = ("native bf16 (AVX512-BF16 or AMX: train.amp autocasts)" if cpu_has_native_bf16()
+            else "no native bf16 (train.amp has no effect)")
     table = "\n".join([
         f"Measured {date.today()} by `python -m bench.speed` on {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"{'native bf16 (AVX512-BF16 or AMX: train.amp autocasts)' if cpu_has_native_bf16() else 'no native bf16 (train.amp has no effect)'}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, {bf16}, "
         f"backbone `{backbone}`, hymenoptera "
         f"(recipe: {args.recipe_epochs} epochs, batch 4; ours: params.yaml):",
         "",

@@ -99,10 +99,10 @@ def pretrained_backbone_export(checkpoint: dict) -> Path | None:
     made_from = BACKBONE_EXPORT_DIR / BACKBONE_JSON
     if not made_from.is_file() or not PRETRAINED.is_file():
         return None
-    pretrained, sha256 = read_pretrained_and_sha256(PRETRAINED)
+    weights_file, sha256 = read_pretrained_and_sha256(PRETRAINED)
     if json.loads(made_from.read_text())["pretrained_sha256"] != sha256:
         return None
-    pretrained = pretrained["state_dict"]
+    pretrained = weights_file["state_dict"]
     ours = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
     # Compared tensor by tensor (BatchNorm statistics included), not by strategy: only weights
     # that are bit for bit the pretrained ones may reuse its export.
