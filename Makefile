@@ -1,11 +1,13 @@
 # `make run` and `make test` are the whole quickstart: each sets up .venv first if needed.
+# Every target runs the venv's tools with the venv first on PATH, so nothing needs activating.
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 # Stages run as `python -m stages X` from dvc.yaml: the venv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
+ARGS ?=
 
-.PHONY: run test bench clean-venv
+.PHONY: run repro exp metrics plots test test-fast clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,8 +17,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/dvc repro
 
+repro: $(STAMP)             # make repro ARGS="-f train"
+	$(BIN)/dvc repro $(ARGS)
+
+exp: $(STAMP)               # make exp ARGS="-S train.lr=0.003"
+	$(BIN)/dvc exp run $(ARGS)
+
+metrics: $(STAMP)
+	$(BIN)/dvc metrics show $(ARGS)
+
+plots: $(STAMP)
+	$(BIN)/dvc plots show $(ARGS)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)         # the suite without the tests marked slow
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

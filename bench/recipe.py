@@ -5,7 +5,7 @@
 ImageFolder over the archive's train and val folders, batches of 4, SGD (lr 0.001, momentum 0.9),
 StepLR (7 epochs, 0.1), 25 epochs, every full-size JPEG decoded again each epoch, the best epoch
 picked on the val folder (which our pipeline keeps as its test split). Only the backbone differs
-from the tutorial's ResNet18: the same network our pipeline uses, built by stages.models, with
+from the tutorial's ResNet18: the same network our pipeline uses, built by stages.lib.classifier, with
 its own preprocessing. Prints the wall time and the best val accuracy.
 """
 
@@ -23,7 +23,8 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from stages.models import build_classifier, preprocessing_for, pretrained_backbone_state
+from stages.lib.backbones import preprocessing_for, pretrained_backbone_state
+from stages.lib.classifier import build_classifier
 
 ARCHIVE_ROOT = Path("data/raw/hymenoptera_data")
 

@@ -40,8 +40,8 @@ import psutil
 import torch
 
 from bench.readme_table import publish
-from stages.params import load_params
-from stages.predict import cpu_has_native_bf16
+from stages.lib.params import load_params
+from stages.lib.runtime import cpu_has_native_bf16
 
 RESULTS = Path("bench/results/speed.md")
 TRACKED = ["params.yaml", "dvc.lock", "metrics"]
@@ -110,8 +110,8 @@ def read_json(path: str) -> dict:
 
 def forward_throughput(backbone: str, batch_size: int, seconds: float = 10.0) -> dict[str, float]:
     """Images per second through the backbone alone, on random input of its own size."""
-    from stages.features import inference_graph
-    from stages.models import create_backbone, preprocessing_for, resolve_backbone
+    from stages.lib.features import inference_graph
+    from stages.lib.backbones import create_backbone, preprocessing_for, resolve_backbone
 
     model, _ = create_backbone(resolve_backbone(backbone))
     model.eval().to(memory_format=torch.channels_last)
@@ -194,7 +194,8 @@ def main() -> None:
         print(f"forward throughput: eager {rates['eager']:.1f} images/s, traced {rates['traced']:.1f}", flush=True)
 
         recipe_frozen = recipe("frozen", backbone, args.recipe_epochs)
-        frozen_wall, _ = experiment(["weights", "features", "train", "evaluate"], "strategy=frozen", *settings)
+        forced = ["check_params", "weights", "features", "train", "evaluate"]
+        frozen_wall, _ = experiment(forced, "strategy=frozen", *settings)
         frozen_eval = read_json("metrics/eval.json")
         passes = forward_passes()
         # Learning rates no earlier run used: otherwise DVC's run-cache restores the export
@@ -210,12 +211,12 @@ def main() -> None:
 
         recipe_finetune = recipe("finetune", backbone, args.recipe_epochs)
         with peak_rss(r"-m stages[. ]train") as finetune_memory:
-            finetune_wall, _ = experiment(["weights", "features", "train", "evaluate"], "strategy=finetune", *settings)
+            finetune_wall, _ = experiment(forced, "strategy=finetune", *settings)
         finetune_eval = read_json("metrics/eval.json")
         finetune_time = read_json("metrics/train/time.json")
 
         with peak_rss(r"-m stages[. ]train") as lite0_memory:
-            experiment(["weights", "train"], "strategy=finetune", "model.backbone=efficientnet_lite0",
+            experiment(["check_params", "weights", "train"], "strategy=finetune", "model.backbone=efficientnet_lite0",
                        f"train.lr={params.train.lr:g}", "train.head_epochs=0", "train.epochs=1")
     finally:
         restore_workspace()

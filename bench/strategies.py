@@ -2,7 +2,7 @@
 
     python -m bench.strategies [--strategies frozen finetune scratch]
 
-Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME train evaluate`: the workspace is
+Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME check_params train evaluate`: the workspace is
 left alone, the data stages and features come from the cache, and train and evaluate are forced
 to run (DVC's run cache would otherwise restore a result computed before, in no time). The
 features stage, shared by frozen and finetune, is timed once on its own. Test metrics are read
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.readme_table import publish
-from stages.params import load_params
+from stages.lib.params import load_params
 
 RESULTS = Path("bench/results/strategies.md")
 
@@ -52,9 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    _, feature_seconds = run_experiment(["features"])
+    _, feature_seconds = run_experiment(["check_params", "features"])
     for strategy in args.strategies:
-        name, seconds = run_experiment(["train", "evaluate"], f"strategy={strategy}")
+        name, seconds = run_experiment(["check_params", "train", "evaluate"], f"strategy={strategy}")
         metrics = experiment_metrics(name)
         rows.append(f"| {strategy} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {metrics['best_epoch']} | {seconds:.0f} s |")
         print(rows[-1], flush=True)

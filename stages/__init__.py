@@ -1,1 +1,1 @@
-"""The pipeline's stages, one module per dvc.yaml stage, and the small modules they share."""
+"""The pipeline's stages, one module each, run as `python -m stages NAME`; lib/ holds what they share."""

@@ -11,11 +11,11 @@ import logging
 
 import torch
 
-from stages.cli import run_stage
-from stages.export import BACKBONE_JSON, export_backbone
-from stages.files import atomic_dir, file_sha256, write_json_atomic
-from stages.models import load_pretrained_backbone
-from stages.paths import BACKBONE_EXPORT_DIR, PRETRAINED
+from stages.lib.backbones import load_pretrained_backbone
+from stages.lib.cli import run_stage
+from stages.lib.export import export_backbone, write_backbone_record
+from stages.lib.files import atomic_dir, file_sha256
+from stages.lib.paths import BACKBONE_EXPORT_DIR, PRETRAINED
 
 log = logging.getLogger("export_backbone")
 
@@ -24,9 +24,7 @@ def main() -> None:
     backbone, prep = load_pretrained_backbone(PRETRAINED, torch.device("cpu"))
     with atomic_dir(BACKBONE_EXPORT_DIR) as tmp:
         export_backbone(backbone, prep.input_size, tmp)
-        # Which weights these are: the export stage reuses them only for a backbone with exactly these.
-        write_json_atomic(tmp / BACKBONE_JSON, {"pretrained_sha256": file_sha256(PRETRAINED),
-                                                "input_size": prep.input_size})
+        write_backbone_record(tmp, file_sha256(PRETRAINED), prep.input_size)
     log.info("backbone exported to %s", BACKBONE_EXPORT_DIR)
 
 

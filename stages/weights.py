@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import logging
 
-from stages.cli import run_stage
-from stages.files import save_torch_atomic
-from stages.models import preprocessing_for, pretrained_backbone_state
-from stages.params import load_params
-from stages.paths import PRETRAINED
+from stages.lib.backbones import preprocessing_for, pretrained_backbone_state, save_pretrained
+from stages.lib.cli import run_stage
+from stages.lib.params import load_params
+from stages.lib.paths import PRETRAINED
 
 log = logging.getLogger("weights")
-
 
 
 def main() -> None:
     params = load_params().model
     state = pretrained_backbone_state(params.backbone, params.weights)
     preprocessing = preprocessing_for(params.backbone, params.weights)
-    save_torch_atomic(
-        PRETRAINED,
-        {"backbone": params.backbone, "weights": params.weights,
-         "preprocessing": preprocessing.to_dict(), "state_dict": state},
-    )
-    tensors = 0 if state is None else len(state)
-    log.info("%s (%s): %d tensors, input %d px, written to %s",
-             params.backbone, params.weights, tensors, preprocessing.input_size, PRETRAINED)
+    save_pretrained(PRETRAINED, params.backbone, params.weights, preprocessing, state)
+    log.info("%s (%s): %d tensors, input %d px, written to %s", params.backbone, params.weights,
+             0 if state is None else len(state), preprocessing.input_size, PRETRAINED)
 
 
 if __name__ == "__main__":

@@ -108,24 +108,141 @@ def write_random_backbone(path: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_project(project, tmp_path_factory):
-    """Run download-free data stages on generated images; returns (root, make_params)."""
+# Data stages (index, weights, features) take seconds each: every distinct set of the params they
+# read is prepared once per session, and each test gets a copy of that prepared project.
+DATA_SECTIONS = ("index", "features", "augment")
+DATA_MODEL_KEYS = ("backbone", "weights", "tta")
+
+
+def data_key(params: dict) -> str:
+    import json
+
+    relevant = {name: params[name] for name in DATA_SECTIONS}
+    relevant["model"] = {key: params["model"][key] for key in DATA_MODEL_KEYS}
+    return json.dumps(relevant, sort_keys=True)
+
+
+def write_tiny_images(root: Path) -> None:
+    """Two visually distinct classes, so that even a tiny network can learn something."""
+    for i in range(14):
+        write_gradient_image(root / f"data/raw/red/r_{i:02d}.png", (200 + i, 20, 20 + i))
+        write_gradient_image(root / f"data/raw/blue/b_{i:02d}.png", (20, 20 + i, 200 + i))
+
+
+def run_data_stages(root: Path, run_features: bool) -> None:
+    import os
+
     from stages import features, index, weights
 
-    weights_file = write_random_backbone(tmp_path_factory.mktemp("weights") / "tiny_backbone.pt")
-
-    def make(run_features: bool = True, **overrides) -> Path:
-        root = project(**tiny_training_params(str(weights_file), **overrides))
-        if not (root / "data/raw").exists():
-            # Two visually distinct classes, so that even a tiny network can learn something.
-            for i in range(14):
-                write_gradient_image(root / f"data/raw/red/r_{i:02d}.png", (200 + i, 20, 20 + i))
-                write_gradient_image(root / f"data/raw/blue/b_{i:02d}.png", (20, 20 + i, 200 + i))
+    here = Path.cwd()
+    os.chdir(root)
+    try:
         index.main()
         weights.main()
         if run_features:
             features.main()
+    finally:
+        os.chdir(here)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_file(tmp_path_factory) -> Path:
+    return write_random_backbone(tmp_path_factory.mktemp("weights") / "tiny_backbone.pt")
+
+
+@pytest.fixture(scope="session")
+def prepared_projects(tmp_path_factory, tiny_backbone_file):
+    """Tiny projects with their data stages run, one per distinct set of data params."""
+    import shutil
+
+    prepared: dict[str, Path] = {}
+
+    def prepare(params: dict, run_features: bool) -> Path:
+        key = data_key(params) + str(run_features)
+        if key not in prepared:
+            root = tmp_path_factory.mktemp("prepared")
+            (root / "params.yaml").write_text(yaml.safe_dump(params))
+            write_tiny_images(root)
+            run_data_stages(root, run_features)
+            prepared[key] = root
+        return prepared[key]
+
+    prepare.copy = lambda source, target: shutil.copytree(source, target, dirs_exist_ok=True)
+    return prepare
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch, tiny_backbone_file, prepared_projects):
+    """A copy of a prepared tiny project with `overrides`, as the working directory; returns its root."""
+
+    def make(run_features: bool = True, **overrides) -> Path:
+        base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+        params = deep_merge(base, tiny_training_params(str(tiny_backbone_file), **overrides))
+        source = prepared_projects(params, run_features)
+        root = tmp_path / "project"
+        if root.exists():
+            import shutil
+
+            shutil.rmtree(root)
+        prepared_projects.copy(source, root)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.chdir(root)
         return root
 
     return make
+
+
+def train_with_library(root: Path) -> Path:
+    """models/model.pt for the params in `root`, trained by the library as the train stage would,
+    without its DVCLive records: what evaluate, export and predict tests start from."""
+    import os
+
+    import torch
+    from torch import nn
+
+    from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
+    from stages.lib.bookkeeping import Books
+    from stages.lib.checkpoint import save_checkpoint
+    from stages.lib.data import read_classes
+    from stages.lib.params import load_params
+    from stages.lib.paths import MODEL, PRETRAINED
+    from stages.lib.training import Model, Run, plan_for, train_model
+
+    here = Path.cwd()
+    os.chdir(root)
+    try:
+        params = load_params()
+        torch.manual_seed(params.train.seed)
+        pretrained, sha256 = read_pretrained_and_sha256(PRETRAINED)
+        prep = Preprocessing.from_dict(pretrained["preprocessing"])
+        run = Run(params, torch.device("cpu"), nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing))
+        books = Books(params, read_classes(), prep, sha256, run.timing)
+        train_model(plan_for(params, True), Model(pretrained["state_dict"]), books, run, prep, sha256, None)
+        books.save_best()
+        save_checkpoint(MODEL, books.best_checkpoint)
+    finally:
+        os.chdir(here)
+    return root / "models/model.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_frozen(prepared_projects, tiny_backbone_file, tmp_path_factory) -> Path:
+    """A tiny project with a frozen model trained once per session; tests copy it (trained_copy)."""
+    base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = deep_merge(base, tiny_training_params(str(tiny_backbone_file), strategy="frozen"))
+    root = tmp_path_factory.mktemp("trained")
+    prepared_projects.copy(prepared_projects(params, True), root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    train_with_library(root)
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained_frozen, tmp_path, monkeypatch) -> Path:
+    """A copy of the session's trained tiny project, as the working directory."""
+    import shutil
+
+    root = tmp_path / "trained"
+    shutil.copytree(trained_frozen, root)
+    monkeypatch.chdir(root)
+    return root

@@ -31,6 +31,7 @@ def train_in(root, env, processes: int, batch_size: int) -> tuple[dict, dict]:
     return {"summary": summary, "curves": curves}, torch.load(root / "models/model.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_as_one_process_with_their_summed_batch(tiny_project):
     # 16 training images: two processes of 4 images per step see exactly one process's 8. In full
     # precision: bf16 autocast (on CPUs with AVX512-BF16) rounds the two differently batched sums

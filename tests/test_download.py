@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stages import download
-from stages.cli import UserError
+from stages.lib.cli import UserError
 from tests.conftest import make_image_tree, zip_tree
 
 FAST_RETRIES = {"retries": 2, "retry_backoff": 0.01, "timeout": 5}

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: test metrics, predictions table, confusion plot data and pictures."""
+"""Stage `evaluate` (test metrics, predictions table, confusion plot data and pictures) and the
+scores it computes (stages/lib/metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import evaluate, train
-from stages.evaluate import score_test_predictions
+from stages import evaluate
+from stages.lib.checkpoint import read_checkpoint
+from stages.lib.metrics import score_predictions as score_test_predictions
+from tests.conftest import train_with_library
 
 
 def test_scores_from_known_predictions():
@@ -47,8 +50,8 @@ def test_scores_agree_with_scikit_learn():
 
 @pytest.mark.parametrize("tta", ["none", "hflip"])
 def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
-    root = tiny_project(evaluate={"tta": tta})
-    train.main()
+    root = tiny_project(model={"tta": tta})
+    train_with_library(root)
     evaluate.main()
     index = pd.read_csv(root / "data/index.csv")
     test_rows = index[index.split == "test"]
@@ -71,8 +74,8 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
 
 
 def test_a_frozen_model_is_scored_on_cached_features_as_on_images(tiny_project, caplog):
-    root = tiny_project(strategy="frozen", evaluate={"tta": "hflip"})
-    train.main()
+    root = tiny_project(strategy="frozen", model={"tta": "hflip"})
+    train_with_library(root)
     with caplog.at_level("INFO"):
         evaluate.main()
     assert "scoring the head on the cached test features" in caplog.text
@@ -87,24 +90,26 @@ def test_a_frozen_model_is_scored_on_cached_features_as_on_images(tiny_project, 
     assert from_images.prob_red.to_numpy() == pytest.approx(from_features.prob_red.to_numpy(), abs=1e-4)
 
 
-def test_cached_features_only_serve_the_backbone_they_came_from(tiny_project):
-    root = tiny_project(strategy="finetune", train={"head_epochs": 1, "epochs": 1}, evaluate={"tta": "none"})
-    train.main()
-    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
-    rows = pd.read_csv(root / "data/index.csv").query("split == 'test'").reset_index(drop=True)
-    head_epoch = {**checkpoint, "metrics": {**checkpoint["metrics"], "phase": "head"}}
-    assert evaluate.usable_test_features(head_epoch, rows, "none") is not None
-    assert evaluate.usable_test_features(head_epoch, rows, "hflip") is None  # no mirrored view cached
-    network_epoch = {**checkpoint, "metrics": {**checkpoint["metrics"], "phase": "network"}}
-    assert evaluate.usable_test_features(network_epoch, rows, "none") is None
-    other_weights = {**head_epoch, "pretrained_sha256": "0" * 64}
-    assert evaluate.usable_test_features(other_weights, rows, "none") is None
-    assert evaluate.usable_test_features(head_epoch, rows.iloc[1:], "none") is None
+def test_cached_features_only_serve_the_backbone_they_came_from(trained_copy):
+    from dataclasses import replace
+
+    from stages.lib.features import usable_test_features
+
+    checkpoint = read_checkpoint(trained_copy / "models/model.pt")
+    paths = pd.read_csv(trained_copy / "data/index.csv").query("split == 'test'").path.tolist()
+    assert checkpoint.pretrained_backbone_sha256 is not None
+    assert usable_test_features(checkpoint, paths) is not None
+    assert usable_test_features(replace(checkpoint, tta="hflip"), paths) is None  # no mirrored view cached
+    trained_backbone = replace(checkpoint, pretrained_backbone_sha256=None)
+    assert usable_test_features(trained_backbone, paths) is None
+    other_weights = replace(checkpoint, pretrained_backbone_sha256="0" * 64)
+    assert usable_test_features(other_weights, paths) is None
+    assert usable_test_features(checkpoint, paths[1:]) is None
 
 
 def test_evaluate_without_a_model_says_what_to_do(tiny_project):
     tiny_project(run_features=False)
-    from stages.cli import UserError
+    from stages.lib.cli import UserError
 
     with pytest.raises(UserError, match=r"models/model.pt: not found; run the train stage first"):
         evaluate.main()

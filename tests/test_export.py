@@ -10,9 +10,13 @@ import numpy as np
 import onnxruntime
 import torch
 
-from stages import export, export_backbone, train
-from stages.data import eval_transform, load_image
-from stages.models import Preprocessing
+from stages import export, export_backbone
+from stages.lib.backbones import Preprocessing
+from stages.lib.checkpoint import read_checkpoint
+from stages.lib.data import eval_transform
+from stages.lib.export import probability_model
+from stages.lib.images import load_image
+from tests.conftest import train_with_library
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,9 +34,8 @@ def check_exports_match_pytorch(root: Path, images: torch.Tensor | None = None) 
     prep = Preprocessing(side["input_size"], side["resize_size"], tuple(side["mean"]), tuple(side["std"]),
                          side["interpolation"])
     images = real_photos(prep) if images is None else images
-    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
     with torch.inference_mode():
-        expected = export.probability_model(checkpoint)(images).numpy()
+        expected = probability_model(read_checkpoint(root / "models/model.pt"))(images).numpy()
     np.testing.assert_allclose(expected.sum(1), 1.0, atol=1e-5)
 
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -54,7 +57,7 @@ def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project, caplog)
     # frozen, so the export joins the export_backbone stage's backbone with the head.
     root = tiny_project(strategy="frozen", model={"backbone": "efficientnet_lite0", "weights": "pretrained"},
                         train={"head_epochs": 2})
-    train.main()
+    train_with_library(root)
     export_backbone.main()
     assert sorted(p.name for p in (root / "models/backbone_export").iterdir()) == [
         "backbone.json", "backbone.onnx", "backbone.ts"]
@@ -65,16 +68,16 @@ def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project, caplog)
     side = json.loads((root / "models/export/model.json").read_text())
     assert side["classes"] == ["blue", "red"] and side["input_size"] == 224 and side["resize_size"] == 256
     assert side["mean"] == [0.5, 0.5, 0.5] and side["std"] == [0.5, 0.5, 0.5]
-    assert side["input"]["name"] == "image" and side["output"]["name"] == "probabilities"
+    assert side["input"]["name"] == "image" and side["output"]["name"] == "probabilities" and side["tta"] == "none"
     check_exports_match_pytorch(root)
 
 
 def test_a_trained_backbone_is_exported_whole(tiny_project, caplog):
     # finetune changes the backbone: the pretrained backbone's export must not be reused.
     root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "freeze_bn": False})
-    train.main()
-    checkpoint = torch.load(root / "models/model.pt", weights_only=True)
-    assert checkpoint["metrics"]["phase"] == "network"
+    train_with_library(root)
+    checkpoint = read_checkpoint(root / "models/model.pt")
+    assert checkpoint.metrics["phase"] == "network" and checkpoint.pretrained_backbone_sha256 is None
     export_backbone.main()
     with caplog.at_level("INFO"):
         export.main()
@@ -83,10 +86,9 @@ def test_a_trained_backbone_is_exported_whole(tiny_project, caplog):
     check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
 
 
-def test_a_stale_backbone_export_is_not_reused(tiny_project, caplog):
+def test_a_stale_backbone_export_is_not_reused(trained_copy, caplog):
     # A backbone export made from other weights (its pretrained file's hash differs) is ignored.
-    root = tiny_project(strategy="frozen")
-    train.main()
+    root = trained_copy
     export_backbone.main()
     made_from = root / "models/backbone_export/backbone.json"
     made_from.write_text(json.dumps({**json.loads(made_from.read_text()), "pretrained_sha256": "0" * 64}))

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from stages import features
-from stages.data import decode_size, eval_transform, load_image
-from stages.files import file_sha256
-from stages.models import load_pretrained_backbone
-from stages.paths import PRETRAINED, RAW_DIR
+from stages.lib.backbones import load_pretrained_backbone
+from stages.lib.data import decode_size, eval_transform
+from stages.lib.files import file_sha256
+from stages.lib.images import load_image
+from stages.lib.paths import PRETRAINED, RAW_DIR
 
 
 def load_split(root, split):
@@ -19,7 +20,7 @@ def load_split(root, split):
 
 @pytest.mark.parametrize("tta, held_out_views", [("hflip", ["plain", "hflip"]), ("none", ["plain"])])
 def test_features_hold_every_view_and_match_the_backbone(tiny_project, tta, held_out_views):
-    root = tiny_project(features={"views": 3}, evaluate={"tta": tta})
+    root = tiny_project(features={"views": 3}, model={"tta": tta})
     table = pd.read_csv(root / "data/index.csv")
     train = load_split(root, "train")
     assert train["views"] == ["plain", "hflip", "augmented_0", "augmented_1", "augmented_2"]

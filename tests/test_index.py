@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from stages import index
-from stages.cli import UserError
+from stages.lib.cli import UserError
 from tests.conftest import distinct_color, image_bytes, make_image_tree, write_image
 
 
@@ -225,3 +225,33 @@ def test_parallel_and_serial_validation_agree(project):
     project(index={"workers": 2})
     index.main()
     assert ((root / "data/index.csv").read_bytes(), (root / "metrics/data.json").read_bytes()) == serial
+
+
+def test_a_read_only_data_folder_is_one_line_naming_the_output(tiny_project):
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    root = tiny_project(run_features=False)
+    before = (root / "data/index.csv").read_bytes()
+    command = [sys.executable, "-m", "stages", "index"]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-rm", "true"]).returncode == 0:
+        # A private mount namespace: data/ is read-only for this process alone, even for root.
+        script = 'mount --bind data data && mount -o remount,bind,ro data && exec "$@"'
+        command = ["unshare", "-rm", "sh", "-c", script, "sh", *command]
+    elif os.geteuid() != 0:
+        (root / "data").chmod(0o555)
+    else:
+        pytest.skip("as root without unshare, no folder is read-only")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    (root / "data").chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.fullmatch(r"error: data/index.csv: cannot write it in data/ \((Read-only file system|Permission denied)\); "
+                        r"make that folder writable, or run where it is", result.stderr.strip()), result.stderr
+    assert (root / "data/index.csv").read_bytes() == before

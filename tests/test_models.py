@@ -1,4 +1,4 @@
-"""Backbones, pretrained weights and preprocessing (stages/models.py) and the weights stage."""
+"""Backbones, pretrained weights and preprocessing (stages/lib/backbones.py) and the weights stage."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import timm
 import torch
 from PIL import Image
 
-from stages.cli import UserError
-from stages.data import eval_transform
-from stages.models import (
-    Backbone, build_classifier, lite_imagenet_state_dict, preprocessing_for, pretrained_backbone_state,
-    resolve_backbone,
+from stages.lib.cli import UserError
+from stages.lib.data import eval_transform
+from stages.lib.backbones import (
+    Backbone, lite_imagenet_state_dict, preprocessing_for, pretrained_backbone_state, resolve_backbone,
 )
+from stages.lib.classifier import build_classifier
 from tests.conftest import TINY_BACKBONE, write_random_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from stages.cli import UserError
-from stages.params import load_params
+from stages.lib.cli import UserError
+from stages.lib.params import load_params
 from tests.conftest import PROJECT_ROOT
 
 
@@ -59,13 +59,3 @@ def test_stage_prints_one_line_and_writes_nothing(project, command):
         "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer (got 'x')"
     ]
     assert not (root / "data").exists()
-
-
-def test_every_dvc_stage_runs_through_python_m_stages():
-    from stages.__main__ import STAGES
-
-    pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-    assert {name: stage["cmd"] for name, stage in pipeline.items()} == {
-        name: f"python -m stages {name}" for name in STAGES}
-    result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {download,index,")

@@ -1,7 +1,9 @@
-"""End to end: `dvc repro` in a temporary copy of the project, on a tiny generated archive."""
+"""End to end: `dvc repro` in a git+DVC copy of the project on a tiny archive, prepared once per
+session; each test works on its own copy of that reproduced project."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,25 +17,44 @@ import yaml
 
 from tests.conftest import PROJECT_ROOT, deep_merge, tiny_training_params, write_gradient_image, write_random_backbone, zip_tree
 
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # a session-wide `dvc repro` and a dozen DVC commands: about two minutes
 
-def run(args: list[str], cwd: Path, env: dict) -> str:
+
+def run(args: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    if ok:
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def output(args: list[str], cwd: Path, env: dict) -> str:
+    result = run(args, cwd, env)
     return result.stdout + result.stderr
 
 
-@pytest.fixture
-def pipeline_copy(tmp_path) -> tuple[Path, dict]:
-    """A git+DVC project holding this project's stages, whose data.url names a tiny archive
-    that only $DATA_MIRROR has."""
-    work = tmp_path / "project"
+def stages_run(text: str) -> list[str]:
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
+
+
+def project_env(mirror: Path) -> dict:
+    env = dict(os.environ, DATA_MIRROR=str(mirror))
+    # dvc.yaml says `python -m stages X`: it must be the interpreter running the tests.
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A git+DVC project holding this project's stages, whose data.url names a tiny archive that
+    only $DATA_MIRROR has, after one `dvc repro` (committed); and that repro's output."""
+    base = tmp_path_factory.mktemp("e2e")
+    work, mirror, source = base / "project", base / "mirror", base / "source"
     work.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(PROJECT_ROOT / name, work / name)
     shutil.copytree(PROJECT_ROOT / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-
-    mirror = tmp_path / "mirror"
-    source = tmp_path / "source"
     for split, first, count in (("train", 0, 8), ("val", 8, 3)):
         for i in range(first, first + count):
             write_gradient_image(source / f"tiny_data/{split}/ants/a{i}.png", (200, 10 * i, 20))
@@ -41,90 +62,185 @@ def pipeline_copy(tmp_path) -> tuple[Path, dict]:
     mirror.mkdir()
     write_random_backbone(work / "tiny_backbone.pt")
     zip_tree(source, mirror / "tiny_data.zip")
-
     params = deep_merge(
         yaml.safe_load((work / "params.yaml").read_text()),
         tiny_training_params("tiny_backbone.pt", data={"url": "https://example.invalid/datasets/tiny_data.zip", "sha256": None}),
     )
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = dict(os.environ, DATA_MIRROR=str(mirror))
-    # dvc.yaml says `python -m stages X`: it must be the interpreter running the tests.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("PYTHONPATH", None)
+    env = project_env(mirror)
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.invalid"],
                  ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
                  ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
                  ["git", "commit", "-qm", "project"]):
         run(args, work, env)
-    return work, env
+    first = output(["dvc", "repro"], work, env)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "baseline"], work, env)
+    return work, env, first
 
 
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+@pytest.fixture
+def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
+    work, env, _ = reproduced
+    copy = tmp_path / "project"
+    shutil.copytree(work, copy, symlinks=True)
+    return copy, env
 
 
-def test_dvc_repro_end_to_end(pipeline_copy):
-    work, env = pipeline_copy
-    output = run(["dvc", "repro"], work, env)
-    assert "using offline copy" in output and "tiny_data.zip" in output
-    assert sorted(stages_run(output)) == sorted(["download", "index", "weights", "features", "train", "evaluate",
-                                                 "export_backbone", "export"])
-
+def test_repro_runs_every_stage_once_then_nothing(reproduced):
+    work, env, first = reproduced
+    assert "using offline copy" in first and "tiny_data.zip" in first
+    assert stages_run(first) == ["check_params", "download", "index", "weights", "features", "train", "evaluate",
+                                 "export_backbone", "export"]
     summary = json.loads((work / "metrics/data.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
     assert json.loads((work / "metrics/eval.json").read_text())["images"] == 6
-    assert (work / "models/model.pt").is_file() and (work / "metrics/predictions.csv").is_file()
-
-    assert json.loads(run(["dvc", "status", "--json"], work, env)) == {}
-    again = run(["dvc", "repro"], work, env)
+    assert json.loads(output(["dvc", "status", "--json"], work, env)) == {}
+    again = output(["dvc", "repro"], work, env)
     assert stages_run(again) == [] and "didn't change, skipping" in again
 
-    # An experiment on the strategy reruns only train and evaluate, and `dvc exp show` lists it.
-    run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", "baseline"], work, env)
-    experiment = run(["dvc", "exp", "run", "-S", "strategy=finetune", "-n", "try-finetune"], work, env)
-    assert stages_run(experiment) == ["train", "evaluate", "export"]
-    # A frozen experiment on the head's learning rate reuses the features and scores on them.
-    experiment = run(["dvc", "exp", "run", "-S", "strategy=frozen", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["train", "evaluate", "export"] and "cached test features" in experiment
-    assert "joining its export" in experiment  # the backbone's export is reused, not rebuilt
-    shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
+
+def test_experiments_rerun_only_what_their_params_reach(project_copy):
+    work, env = project_copy
+    experiment = output(["dvc", "exp", "run", "-S", "strategy=finetune", "-n", "try-finetune"], work, env)
+    assert stages_run(experiment) == ["check_params", "train", "evaluate", "export"]
+    # A frozen experiment on the head's learning rate reuses the features and the backbone's export.
+    experiment = output(["dvc", "exp", "run", "-S", "strategy=frozen", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
+    assert stages_run(experiment) == ["check_params", "train", "evaluate", "export"]
+    assert "cached test features" in experiment and "joining its export" in experiment
+    # A speed setting of evaluate does not retrain.
+    experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
+    assert stages_run(experiment) == ["check_params", "evaluate"]
+    shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     header, *rows = shown.strip().splitlines()
     assert "strategy" in header and "accuracy" in header
     assert any("try-finetune" in row and "finetune" in row for row in rows)
     assert any("try-lr" in row and "0.003" in row for row in rows)
 
-    # A param only the index reads reruns the index and what depends on it, not the download.
+
+def test_an_index_param_reruns_from_the_index_and_commits_compare(project_copy):
+    work, env = project_copy
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["index"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], work, env)) == ["index", "features", "train", "evaluate", "export"]
-
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["check_params", "index", "features", "train", "evaluate",
+                                                                "export"]
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "another seed"], work, env)
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], work, env))
+    diff = json.loads(output(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], work, env))
     assert diff["metrics/train/metrics.json"]["train.loss"]["diff"] != 0
 
-    # Sweeps: queue two experiments, run them two at a time; both land in `dvc exp show`.
+
+def tracked_files(root: Path) -> dict[str, str]:
+    """sha256 of every output and metric the pipeline produced (and of params.yaml's neighbours)."""
+    files = {}
+    for folder in ("data", "models", "metrics"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and "archives" not in path.parts:
+                files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def corrupt(params: dict, case: str) -> dict:
+    bad = json.loads(json.dumps(params))
+    if case == "unknown top-level key":
+        bad["foo"] = 1
+    elif case == "unknown nested key":
+        bad["train"]["learning_rate"] = 0.1
+    elif case == "wrong type":
+        bad["train"]["lr"] = "fast"
+    elif case == "out of range":
+        bad["index"]["split_ratios"] = [0.9, 0.2, 0.2]
+    elif case == "missing key":
+        del bad["evaluate"]["workers"]
+    elif case == "missing section key":
+        del bad["model"]["tta"]
+    return bad
+
+
+BAD_PARAMS = {
+    "unknown top-level key": "error: params.yaml: unknown key 'foo'; remove it or fix its spelling (see README, Parameters)",
+    "unknown nested key": "error: params.yaml: unknown key 'train.learning_rate'; remove it or fix its spelling",
+    "wrong type": "error: params.yaml: train.lr: Input should be a valid number, unable to parse string as a number "
+                  "(got 'fast')",
+    "out of range": "error: params.yaml: index.split_ratios: Value error, must be three fractions (train, val, test) "
+                    "summing to 1",
+    "missing key": "error: params.yaml: missing key 'evaluate.workers'; add it (see README, Parameters)",
+    "missing section key": "error: params.yaml: missing key 'model.tta'",
+}
+
+
+def test_bad_params_stop_the_run_before_any_output_is_removed(project_copy):
+    work, env = project_copy
+    good_text = (work / "params.yaml").read_text()
+    good = yaml.safe_load(good_text)
+    before = tracked_files(work)
+    assert "models/model.pt" in before and "metrics/train/metrics.json" in before
+    for case, message in BAD_PARAMS.items():
+        (work / "params.yaml").write_text(yaml.safe_dump(corrupt(good, case), sort_keys=False))
+        result = run(["dvc", "repro"], work, env, ok=False)
+        assert result.returncode != 0, case
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(message), (case, result.stderr)
+        assert stages_run(result.stdout) in ([], ["check_params"]), (case, result.stdout)
+        after = tracked_files(work)
+        assert {k: v for k, v in after.items() if not k.startswith("data/params/")} == \
+               {k: v for k, v in before.items() if not k.startswith("data/params/")}, case
+    # The same through an experiment, as a user would try it.
+    (work / "params.yaml").write_text(good_text)
+    result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], work, env, ok=False)
+    assert result.returncode != 0 and "error: params.yaml: train.lr: Input should be a valid number" in result.stderr
+    assert {k: v for k, v in tracked_files(work).items() if not k.startswith("data/params/")} == \
+           {k: v for k, v in before.items() if not k.startswith("data/params/")}
+    # Fixed again: nothing but the gate may rerun, and the pipeline is up to date.
+    (work / "params.yaml").write_text(good_text)
+    assert stages_run(output(["dvc", "repro"], work, env)) in ([], ["check_params"])
+    assert json.loads(output(["dvc", "status", "--json"], work, env)) == {}
+
+
+def test_dvc_from_the_venv_without_activating_it(project_copy, tmp_path):
+    # `.venv/bin/dvc repro` from a shell whose `python` is another interpreter without torch: the
+    # stages run again under the project's .venv/bin/python.
+    work, env = project_copy
+    (work / ".venv").symlink_to(VENV_BIN.parent)
+    other_bin = tmp_path / "other_bin"
+    other_bin.mkdir()
+    (other_bin / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")
+    bare = dict(env, PATH=f"{other_bin}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert "torch" in run(["python", "-c", "import torch"], work, bare, ok=False).stderr
+    result = run([str(VENV_BIN / "dvc"), "repro", "-f", "evaluate"], work, bare)
+    assert "Running stage 'evaluate'" in result.stdout
+    # Without a project venv to fall back on, one line says what to do.
+    os.remove(work / ".venv")
+    failed = run(["python", "-m", "stages", "evaluate"], work, bare, ok=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        f"error: {other_bin}/python has no torch; activate the project's environment first "
+        "(source .venv/bin/activate, set up by make run) or run through make (make repro)"]
+
+
+def test_queued_sweep_runs_two_at_a_time(project_copy):
+    work, env = project_copy
     for lr in ("0.004", "0.006"):
         run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"sweep-{lr}"], work, env)
     run(["dvc", "queue", "start", "--jobs", "2"], work, env)
     deadline = time.monotonic() + 300
     while True:
-        status = run(["dvc", "queue", "status"], work, env)
-        assert "Failed" not in status, status + run(["dvc", "queue", "logs", "sweep-0.004"], work, env)
+        status = output(["dvc", "queue", "status"], work, env)
+        assert "Failed" not in status, status + output(["dvc", "queue", "logs", "sweep-0.004"], work, env)
         if status.count("Success") >= 2:
             break
         assert time.monotonic() < deadline, status
         time.sleep(2)
-    shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
+    shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     for lr in ("0.004", "0.006"):
         row = next(row for row in shown.splitlines() if f"sweep-{lr}" in row)
         assert lr in row and "," in row
 
-    # Remote storage: push to a local-directory remote, clone, pull; then nothing to reproduce.
+
+def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
+    work, env = project_copy
     remote = work.parent / "remote"
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], work, env)
     run(["git", "add", "-A"], work, env)
@@ -133,6 +249,7 @@ def test_dvc_repro_end_to_end(pipeline_copy):
     clone = work.parent / "clone"
     run(["git", "clone", "-q", str(work), str(clone)], work.parent, env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt"):
+    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt",
+                 "data/params/train.json"):
         assert (clone / path).exists(), path
-    assert stages_run(run(["dvc", "repro"], clone, env)) == []
+    assert stages_run(output(["dvc", "repro"], clone, env)) == []

@@ -11,16 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import evaluate, predict, train
+from stages import evaluate, predict
+from stages.lib.cli import UserError
 from tests.conftest import PROJECT_ROOT
 
 
 @pytest.fixture
-def trained_project(tiny_project):
-    root = tiny_project(strategy="frozen")
-    train.main()
+def trained_project(trained_copy):
     evaluate.main()
-    return root
+    return trained_copy
 
 
 def test_predict_matches_evaluate_and_reports_unreadable_files(trained_project):
@@ -66,3 +65,65 @@ def test_console_script_and_exit_status(trained_project):
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == ("error: nowhere: no such file or folder; "
                                                        "give image files or folders to classify")
+
+
+def one_line_error(root, *args) -> str:
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", *args], cwd=root, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
+    root = trained_copy
+    image = str(next((root / "data/raw").rglob("*.png")))
+    truncated = root / "models/truncated.pt"
+    truncated.write_bytes((root / "models/model.pt").read_bytes()[:5000])
+    photo = root / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
+
+    def refusal(model: str) -> str:
+        with pytest.raises(UserError) as error:
+            predict.main([image, "--model", model, "--workers", "0"])
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert refusal(str(truncated)).startswith(f"{truncated}: not a readable model checkpoint (")
+    assert refusal("models/pretrained.pt") == (
+        "models/pretrained.pt: not a model checkpoint (the weights stage's pretrained weights); "
+        "give the models/model.pt the train stage writes")
+    assert refusal(str(photo)).startswith(f"{photo}: not a readable model checkpoint")
+    assert refusal("models/nothing.pt") == "models/nothing.pt: not found; run the train stage first (dvc repro)"
+    # As a command: that one line on stderr, no traceback.
+    assert one_line_error(root, image, "--model", str(truncated)).startswith(
+        f"error: {truncated}: not a readable model checkpoint (")
+
+
+def test_out_dash_is_standard_output(trained_copy, capsys):
+    image = next((trained_copy / "data/raw").rglob("*.png"))
+    assert predict.main([str(image), "--out", "-", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("path,predicted,probability") and str(image) in printed
+    assert not (trained_copy / "-").exists()
+
+
+def test_out_follows_links_and_never_replaces_them(trained_copy):
+    root = trained_copy
+    image = str(next((root / "data/raw").rglob("*.png")))
+    target = root / "results/target.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = root / "link.csv"
+    link.symlink_to(target)
+    assert predict.main([image, "--out", str(link), "--workers", "0"]) == 0
+    assert link.is_symlink() and target.read_text().startswith("path,predicted")
+    # A link to a device is written through; the link stays (as root, /dev/stdout would be replaced).
+    device_link = root / "to_null"
+    device_link.symlink_to("/dev/null")
+    assert predict.main([image, "--out", str(device_link), "--workers", "0"]) == 0
+    assert device_link.is_symlink() and Path("/dev/null").is_char_device()
+    with pytest.raises(UserError, match=r"results: is a folder; give a file name"):
+        predict.main([image, "--out", "results", "--workers", "0"])

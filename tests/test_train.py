@@ -8,15 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
 import yaml
 
 from stages import train
-from stages.cli import UserError
-from stages.files import file_sha256
-from stages.models import classifier_from_checkpoint
+from stages.lib.checkpoint import read_checkpoint
+from stages.lib.cli import UserError
+from stages.lib.files import file_sha256
 from tests.conftest import PROJECT_ROOT
 
 
@@ -39,7 +40,8 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert checkpoint["classes"] == ["blue", "red"] and checkpoint["strategy"] == "frozen"
     assert checkpoint["preprocessing"]["input_size"] == 160 and checkpoint["metrics"]["phase"] == "head"
     assert 1 <= checkpoint["epoch"] <= 3
-    assert checkpoint["pretrained_sha256"] == file_sha256(root / "models/pretrained.pt")
+    assert checkpoint["pretrained_backbone_sha256"] == file_sha256(root / "models/pretrained.pt")
+    assert checkpoint["version"] == 2 and checkpoint["tta"] == "none"
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     assert summary["best"]["epoch"] == checkpoint["epoch"] and summary["step"] == 2
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
@@ -54,7 +56,7 @@ def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs,
     warm_head = strategy == "finetune" and head_epochs > 0
     assert len(steps) == 1 + epochs + (head_epochs if warm_head else 0)
     checkpoint = load_model_checkpoint(root)
-    model = classifier_from_checkpoint(checkpoint)
+    model = read_checkpoint(root / "models/model.pt").classifier()
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
     timing = json.loads((root / "metrics/train/time.json").read_text())
     assert timing["compute"] > 0 and timing["data"] >= 0 and timing["validate"] > 0
@@ -65,17 +67,23 @@ def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs,
                         if k.startswith("backbone.")}
     if checkpoint["metrics"]["phase"] == "network":
         assert any(not torch.equal(trained_backbone[k], pretrained[k]) for k in pretrained)
+        assert checkpoint["pretrained_backbone_sha256"] is None  # cached features no longer apply
 
 
-def test_learning_rates_of_the_network_phase(project):
-    from stages.params import load_params
+@pytest.mark.parametrize("strategy, head_epochs, expected", [
+    ("frozen", 3, (True, False, True, 0.0, 0.01)),
+    ("finetune", 3, (True, True, True, 0.001, 0.001)),  # the warm head moves as gently as the backbone
+    ("finetune", 0, (False, True, True, 0.001, 0.01)),  # the recipe's cold start
+    ("scratch", 3, (False, True, False, 0.01, 0.01)),
+])
+def test_what_each_strategy_trains(project, strategy, head_epochs, expected):
+    from dataclasses import astuple
 
-    project(strategy="finetune", train={"lr": 0.01, "backbone_lr_mult": 0.1})
-    params = load_params()
-    assert train.learning_rates(params, warm_head=True) == pytest.approx((0.001, 0.001))
-    assert train.learning_rates(params, warm_head=False) == pytest.approx((0.001, 0.01))
-    project(strategy="scratch", train={"lr": 0.01})
-    assert train.learning_rates(load_params(), warm_head=False) == (0.01, 0.01)
+    from stages.lib.params import load_params
+    from stages.lib.training import plan_for
+
+    project(strategy=strategy, train={"lr": 0.01, "backbone_lr_mult": 0.1, "head_epochs": head_epochs})
+    assert astuple(plan_for(load_params(), has_pretrained=True)) == pytest.approx(expected)
 
 
 def test_training_is_deterministic_on_cpu(tiny_project):
@@ -91,35 +99,34 @@ def test_training_is_deterministic_on_cpu(tiny_project):
 def test_mlp_head(tiny_project):
     root = tiny_project(strategy="frozen", model={"head": "mlp", "hidden": 8})
     train.main()
-    checkpoint = load_model_checkpoint(root)
-    assert checkpoint["head"] == {"kind": "mlp", "hidden": 8, "dropout": 0.2}
-    assert classifier_from_checkpoint(checkpoint).head[1].out_features == 8
+    checkpoint = read_checkpoint(root / "models/model.pt")
+    assert checkpoint.head == {"kind": "mlp", "hidden": 8, "dropout": 0.2}
+    assert checkpoint.classifier().head[1].out_features == 8
 
 
-def test_early_stopping_after_patience_epochs_without_progress(tiny_project, tmp_path):
-    from dvclive import Live
+def test_early_stopping_after_patience_epochs_without_progress(project):
+    from stages.lib.backbones import Preprocessing
+    from stages.lib.bookkeeping import Books, EpochResult
+    from stages.lib.params import load_params
+    from stages.lib.training import Model, follow
 
-    from stages.models import build_classifier, preprocessing_for
-    from stages.params import load_params
-
-    root = tiny_project(run_features=False, train={"patience": 2})
-    params = load_params()
-    prep = preprocessing_for(params.model.backbone, params.model.weights)
-    model = build_classifier(params.model.backbone, 2, {"kind": "linear", "hidden": 1, "dropout": 0.0})
+    project(train={"patience": 2})
+    prep = Preprocessing(8, 8, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    books = Books(load_params(), ["a", "b"], prep, "0" * 64, Counter())
+    model = Model(pretrained={"w": torch.zeros(1)}, head=torch.nn.Linear(2, 2))
     scores = [(0.5, 0.9), (0.7, 0.8), (0.7, 0.85), (0.6, 0.7), (0.9, 0.1), (1.0, 0.0)]
     consumed = []
 
     def epochs():
         for i, (acc, loss) in enumerate(scores, start=1):
             consumed.append(i)
-            yield train.EpochResult(i, "network", 1.0, 0.5, loss, acc, 0.1), None
+            yield EpochResult(i, "head", 1.0, 0.5, loss, acc, 0.1), None
 
-    with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        trainer = train.Trainer(params, ["a", "b"], prep, live, None, "")
-        trainer.head, trainer.backbone = model.head, model.backbone
-        trainer.run(epochs())
+    follow(epochs(), books, model, patience=2)
     assert consumed == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2: stop
-    assert trainer.best.epoch == 2 and load_model_checkpoint(root)["epoch"] == 2
+    books.save_best()
+    assert books.best.epoch == 2 and books.best_checkpoint.epoch == 2
+    assert books.best_checkpoint.pretrained_backbone_sha256 == "0" * 64  # a head epoch: backbone untouched
 
 
 def test_non_finite_loss_stops_with_a_hint(tiny_project):
@@ -136,6 +143,7 @@ def test_frozen_needs_pretrained_weights(tiny_project):
         train.main()
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     root = tiny_project(strategy="finetune", train={"epochs": 200, "scheduler": "none", "lr": 1e-4})
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
@@ -159,16 +167,16 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
 
 
 def test_mixed_precision_on_cpu_only_with_native_bf16(monkeypatch):
-    from stages import predict
+    from stages.lib import runtime
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: False)
-    with predict.autocast(cpu, amp=True):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with runtime.autocast(cpu, amp=True):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: True)
-    with predict.autocast(cpu, amp=True):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    with runtime.autocast(cpu, amp=True):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with predict.autocast(cpu, amp=False):
+    with runtime.autocast(cpu, amp=False):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -178,6 +186,7 @@ def run_train(root, env) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_project):
     root = tiny_project(strategy="finetune", model={"dropout": 0.3},
                         train={"head_epochs": 2, "epochs": 6, "workers": 1, "scheduler": "onecycle"})

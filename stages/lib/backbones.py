@@ -1,4 +1,4 @@
-"""Backbones, their pretrained weights and preprocessing, and the classifier built on them.
+"""Backbones, their pretrained weights and their preprocessing.
 
 A backbone name resolves to one of three sources:
 - `efficientnet_lite0|1|2`: timm's `tf_efficientnet_liteN` with the ImageNet weights shipped by
@@ -6,9 +6,9 @@ A backbone name resolves to one of three sources:
 - `torchvision:NAME` (or a bare torchvision name such as `resnet18`): torchvision's model and weights;
 - `timm:NAME` (or a bare timm name): timm's model and its pretrained weights.
 
-Every backbone is used the same way: it maps images to pooled features, and a `Classifier`
-puts a new head on top. Checkpoints store the backbone name and preprocessing, so a model can be
-rebuilt from its checkpoint alone.
+Every backbone is used the same way: it maps images to pooled features (classifier.py puts a
+new head on top). The weights stage stores the chosen weights and preprocessing in
+models/pretrained.pt, read here by `read_pretrained`.
 
 timm and torchvision are imported inside the functions that use them: together they take about
 3 s to import on 2 cores, and a frozen model trains and evaluates on cached features without them.
@@ -20,14 +20,14 @@ import hashlib
 import importlib
 import io
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stages.cli import UserError
+from stages.lib.cli import UserError
+from stages.lib.files import save_torch_atomic
 
 log = logging.getLogger("models")
 
@@ -104,37 +104,6 @@ def create_backbone(backbone: Backbone) -> tuple[nn.Module, int]:
         return model, strip_last_linear(model)
     model = timm.create_model(backbone.name, pretrained=False, num_classes=0)
     return model, model.num_features
-
-
-def make_head(in_features: int, num_classes: int, kind: str, hidden: int, dropout: float) -> nn.Module:
-    if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
-    return nn.Sequential(
-        nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-        nn.Dropout(dropout), nn.Linear(hidden, num_classes),
-    )
-
-
-class Classifier(nn.Module):
-    """A pretrained backbone that returns pooled features, and a new head for our classes."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
-
-
-def head_config(model_params) -> dict:
-    """The head's shape as stored in checkpoints: `make_head`'s keyword arguments."""
-    return {"kind": model_params.head, "hidden": model_params.hidden, "dropout": model_params.dropout}
-
-
-def build_classifier(backbone_name: str, num_classes: int, head: dict) -> Classifier:
-    backbone, width = create_backbone(resolve_backbone(backbone_name))
-    return Classifier(backbone, make_head(width, num_classes, **head))
 
 
 # --- pretrained weights ----------------------------------------------------------------------
@@ -258,6 +227,13 @@ def preprocessing_for(backbone_name: str, weights: str) -> Preprocessing:
     )
 
 
+def save_pretrained(path: Path, backbone_name: str, weights: str, preprocessing: Preprocessing,
+                    state: dict[str, torch.Tensor] | None) -> None:
+    """The weights stage's output, read back by `read_pretrained`."""
+    save_torch_atomic(path, {"backbone": backbone_name, "weights": weights,
+                             "preprocessing": preprocessing.to_dict(), "state_dict": state})
+
+
 def require_pretrained(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: not found; run the weights stage first (dvc repro)")
@@ -285,37 +261,3 @@ def load_pretrained_backbone(path: Path, device: torch.device) -> tuple[nn.Modul
         backbone.load_state_dict(pretrained["state_dict"])
     backbone.eval().to(device, memory_format=torch.channels_last)
     return backbone, Preprocessing.from_dict(pretrained["preprocessing"])
-
-
-# --- devices ---------------------------------------------------------------------------------
-
-def pick_device() -> torch.device:
-    """CUDA (under torchrun, the GPU of this process's LOCAL_RANK), then MPS, then CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the train stage first (dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def head_from_checkpoint(checkpoint: dict) -> nn.Module:
-    """The head alone, for scoring cached features without building the backbone."""
-    state = {k.removeprefix("head."): v for k, v in checkpoint["state_dict"].items() if k.startswith("head.")}
-    width = next(v for v in state.values() if v.ndim == 2).shape[1]  # the first Linear's input
-    head = make_head(width, len(checkpoint["classes"]), **checkpoint["head"])
-    head.load_state_dict(state)
-    return head.eval()
-
-
-def classifier_from_checkpoint(checkpoint: dict) -> Classifier:
-    model = build_classifier(checkpoint["backbone"], len(checkpoint["classes"]), checkpoint["head"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only: no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from stages.files import atomic_path  # noqa: E402
+from stages.lib.files import atomic_path  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Images on their way into a network: the index, decoding, transforms and loaders."""
+"""Images on their way into a network: the index, transforms, datasets, samplers and loaders."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stages.cli import UserError
-from stages.models import Preprocessing
-from stages.params import AugmentParams
-from stages.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
+from stages.lib.backbones import Preprocessing
+from stages.lib.cli import UserError
+from stages.lib.images import load_image
+from stages.lib.params import AugmentParams
+from stages.lib.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
 
 
 def read_classes() -> list[str]:
@@ -34,15 +34,6 @@ def read_split(split: str) -> pd.DataFrame:
     if rows.empty:
         raise UserError(f"{INDEX_CSV}: the {split} split is empty; check the index stage's output")
     return rows
-
-
-def load_image(path: Path, min_size: int | None = None) -> Image.Image:
-    """Decode an RGB image; with `min_size`, let a JPEG decode at a reduced scale no smaller
-    than that, which is several times faster for large photos and loses nothing we keep."""
-    with Image.open(path) as image:
-        if min_size is not None:
-            image.draft("RGB", (min_size, min_size))
-        return image.convert("RGB")
 
 
 # torchvision is imported where it is used: it takes seconds to import, and the stages that work
@@ -159,3 +150,25 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, work
         generator=torch.Generator().manual_seed(seed), persistent_workers=persistent and workers > 0,
         pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
     )
+
+
+class PathDataset(torch.utils.data.Dataset):
+    """(image tensor or None, error message) per path: a bad file is reported, not raised."""
+
+    def __init__(self, paths: list[Path], transform, decode_size: int):
+        self.paths, self.transform, self.decode_size = paths, transform, decode_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(self.paths[i], self.decode_size)), ""
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported in the CSV
+            return None, f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def collate_readable(items):
+    """Stack the images that decoded; keep every item's error (empty when fine)."""
+    images = [image for image, _ in items if image is not None]
+    return (torch.stack(images) if images else None), [error for _, error in items]

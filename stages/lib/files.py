@@ -30,11 +30,21 @@ def save_torch_atomic(target: Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
+def unwritable(target: Path, error: OSError):
+    from stages.lib.cli import UserError
+
+    return UserError(f"{target}: cannot write it in {target.parent}/ ({error.strerror or error}); "
+                     "make that folder writable, or run where it is")
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise unwritable(target, error) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,6 +60,32 @@ def write_text_atomic(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_output(target: Path, text: str) -> str:
+    """Write a command's output as Unix tools do; returns where it went.
+
+    `-` is standard output. A link is followed: its target is replaced (atomically) if it is a
+    regular file or does not exist yet, written through if it is a device or a pipe
+    (/dev/stdout), and the link itself stays. A folder is refused.
+    """
+    import sys
+
+    if str(target) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return "standard output"
+    resolved = Path(os.path.realpath(target))
+    if resolved.is_dir():
+        from stages.lib.cli import UserError
+
+        raise UserError(f"{target}: is a folder; give a file name for the CSV, or - for standard output")
+    if resolved.exists() and not resolved.is_file():
+        with open(resolved, "w", encoding="utf-8") as stream:  # a device or a pipe: no rename possible
+            stream.write(text)
+        return str(target)
+    write_text_atomic(resolved, text)
+    return str(target)
+
+
 def write_json_atomic(target: Path, data: Any) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -57,8 +93,11 @@ def write_json_atomic(target: Path, data: Any) -> None:
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as error:
+        raise unwritable(target, error) from None
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
     try:
         yield tmp
@@ -75,6 +114,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def file_sha256(path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks: archives may be gigabytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -19,6 +19,15 @@ def run_stage(main: Callable[[], object]):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except PermissionError as err:
+        # A read-only data/ or models/ folder: say which path, not a traceback.
+        print(f"error: {err.filename or err}: permission denied; make it writable or run elsewhere", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.filename is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror}; check the path and its permissions", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         # Ctrl-C, or SIGTERM turned into it (train), even while cleaning up: the usual status, no traceback.
         print("interrupted", file=sys.stderr)

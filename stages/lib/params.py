@@ -21,9 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from stages.cli import UserError
-
-PARAMS_FILE = Path("params.yaml")
+from stages.lib.cli import UserError
+from stages.lib.paths import PARAMS_FILE
 
 
 class Strict(BaseModel):
@@ -66,6 +65,7 @@ class ModelParams(Strict):
     head: Literal["linear", "mlp"]
     hidden: Annotated[int, Field(ge=1)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    tta: Literal["none", "hflip"]
 
 
 class AugmentParams(Strict):
@@ -113,7 +113,6 @@ class TrainParams(Strict):
 
 
 class EvaluateParams(Strict):
-    tta: Literal["none", "hflip"]
     batch_size: Annotated[int, Field(ge=1)]
     workers: Annotated[int, Field(ge=0)]
     grid_images: Annotated[int, Field(ge=1, le=64)]

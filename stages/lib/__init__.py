@@ -1,0 +1,1 @@
+"""The library the stages stand on (README, "Where things live"); it never imports a stage."""

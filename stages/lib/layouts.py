@@ -1,0 +1,123 @@
+"""Where the images are: class folders under data/raw/, in one of two layouts.
+
+Predefined split folders (train plus val/valid/validation and/or test, one folder per class
+inside each) or flat class folders, wherever the archive's top folder puts them. Litter (hidden
+files, __MACOSX, Thumbs.db) is ignored; files that are not images are listed with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from stages.lib.cli import UserError
+from stages.lib.images import is_image_name
+
+LITTER = {"__macosx", "thumbs.db", "desktop.ini"}
+SPLIT_SYNONYMS = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str  # relative to data/raw, with forward slashes
+    class_name: str
+    folder_split: str | None  # the split folder it came from, None in the flat layout
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+
+
+def is_litter(name: str) -> bool:
+    return name.startswith(".") or name.lower() in LITTER
+
+
+def visible_children(folder: Path) -> tuple[list[Path], list[Path]]:
+    entries = sorted(p for p in folder.iterdir() if not is_litter(p.name))
+    return [p for p in entries if p.is_dir()], [p for p in entries if p.is_file()]
+
+
+def split_folders(folder: Path) -> dict[str, Path]:
+    """The predefined split folders directly under `folder`, by canonical split name."""
+    found: dict[str, Path] = {}
+    for sub in visible_children(folder)[0]:
+        split = SPLIT_SYNONYMS.get(sub.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise UserError(f"{folder}: both '{found[split].name}' and '{sub.name}' look like the {split} split; keep one")
+        found[split] = sub
+    return found
+
+
+def find_dataset_root(raw: Path) -> Path:
+    """Descend through wrapper folders (the archive's top folder) to the dataset.
+
+    A lone subfolder holding images itself is a class, not a wrapper: stop above it.
+    """
+    folder = raw
+    while True:
+        dirs, files = visible_children(folder)
+        if split_folders(folder) or len(dirs) != 1 or any(map(is_image_name, files)):
+            return folder
+        if any(map(is_image_name, visible_children(dirs[0])[1])):
+            return folder
+        folder = dirs[0]
+
+
+def files_under(folder: Path) -> Iterable[Path]:
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not is_litter(d))
+        for name in sorted(files):
+            if not is_litter(name):
+                yield Path(current) / name
+
+
+def class_folders(parent: Path) -> dict[str, Path]:
+    return {d.name: d for d in visible_children(parent)[0]}
+
+
+def list_images(raw: Path) -> tuple[str, list[str], list[Candidate], list[dict]]:
+    """The layout, the sorted class names, every candidate image and the files passed over."""
+    root = find_dataset_root(raw)
+    splits = split_folders(root)
+    skipped: list[dict] = []
+    relative = lambda p: p.relative_to(raw).as_posix()  # noqa: E731
+    if splits:
+        if "train" not in splits or not ({"val", "test"} & splits.keys()):
+            raise UserError(
+                f"{root}: split folders {sorted(p.name for p in splits.values())} need a train folder and a val or test folder"
+            )
+        layout = "predefined"
+        per_split = {split: class_folders(folder) for split, folder in splits.items()}
+        reference = per_split["train"].keys()
+        for split, classes in per_split.items():
+            if classes.keys() != reference:
+                raise UserError(
+                    f"{splits[split]}: class folders {sorted(classes)} differ from train's {sorted(reference)}; "
+                    "every split folder needs the same class folders"
+                )
+        sources = [(split, name, folder) for split, classes in per_split.items() for name, folder in classes.items()]
+    else:
+        layout = "flat"
+        sources = [(None, name, folder) for name, folder in class_folders(root).items()]
+        skipped += [{"path": relative(f), "reason": "not inside a class folder"} for f in visible_children(root)[1]]
+    if not sources:
+        raise UserError(f"{root}: no class folders found; put each class's images in a folder named after the class")
+    images = []
+    for split, class_name, folder in sources:
+        for f in files_under(folder):
+            if is_image_name(f):
+                images.append(Candidate(relative(f), class_name, split))
+            else:
+                skipped.append({"path": relative(f), "reason": f"unsupported file type '{f.suffix}'"})
+    classes = sorted({name for _, name, _ in sources})
+    if len(classes) < 2:
+        raise UserError(f"{root}: only one class folder ('{classes[0]}'); a classifier needs at least two")
+    return layout, classes, sorted(images, key=lambda im: im.path), skipped

@@ -1,0 +1,42 @@
+"""Where each stage reads and writes, relative to the project root; dvc.yaml declares the same paths."""
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+STAGE_PARAMS_DIR = Path("data/params")  # check_params: each key's value, once params.yaml is valid
+
+SHELF_DIR = Path("data/archives")  # archives the project ships, found before the network
+RAW_DIR = Path("data/raw")
+INDEX_CSV = Path("data/index.csv")
+CLASSES_JSON = Path("data/classes.json")
+DATA_METRICS = Path("metrics/data.json")
+
+PRETRAINED = Path("models/pretrained.pt")
+FEATURES_DIR = Path("data/features")
+
+MODEL = Path("models/model.pt")
+TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
+LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json and per-epoch plots
+CURVES_PNG = LIVE_DIR / "learning_curves.png"
+TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
+
+EVAL_JSON = Path("metrics/eval.json")
+PREDICTIONS_CSV = Path("metrics/predictions.csv")
+EVAL_DIR = Path("metrics/eval")
+CONFUSION_CSV = EVAL_DIR / "confusion.csv"
+GRID_PNG = EVAL_DIR / "predictions.png"
+MISCLASSIFIED_PNG = EVAL_DIR / "misclassified.png"
+CONFUSION_PNG = EVAL_DIR / "confusion.png"
+
+EXPORT_DIR = Path("models/export")
+BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone alone, for export to reuse
+
+
+def features_file(split: str) -> Path:
+    """One file per split, so that dvc.yaml can show the train stage never reads the test split."""
+    return FEATURES_DIR / f"{split}.pt"
+
+
+def param_file(key: str) -> Path:
+    """check_params' file of one key (`train`, `model.backbone`): what a stage declaring it depends on."""
+    return STAGE_PARAMS_DIR / f"{key}.json"

@@ -1,0 +1,133 @@
+"""From the usable images to the index: duplicates left out, a seeded stratified split, the
+shuffled table written to data/index.csv, and the summary in metrics/data.json."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.cli import UserError
+from stages.lib.images import inspect_files
+from stages.lib.layouts import SPLITS, Candidate
+from stages.lib.params import IndexParams
+
+# When duplicates straddle split folders, keep the copy that is most held out, so the
+# archive's evaluation images stay exactly as published.
+KEEP_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
+CSV_COLUMNS = ["path", "class", "label", "split", "sha256", "width", "height"]
+
+
+def validate(images: list[Candidate], raw: Path, max_pixels: int, workers: int) -> tuple[list[Candidate], list[dict]]:
+    usable, skipped = [], []
+    for image, (digest, width, height, reason) in zip(images, inspect_files([raw / image.path for image in images], max_pixels, workers)):
+        if reason:
+            skipped.append({"path": image.path, "reason": reason})
+        else:
+            usable.append(replace(image, sha256=digest, width=width, height=height))
+    return usable, skipped
+
+
+def drop_duplicates(images: list[Candidate]) -> tuple[list[Candidate], list[dict]]:
+    """Keep one copy of each content; leave out every copy of content filed under two classes."""
+    by_hash: dict[str, list[Candidate]] = defaultdict(list)
+    for image in images:
+        by_hash[image.sha256].append(image)
+    kept, skipped = [], []
+    for copies in by_hash.values():
+        classes = sorted({c.class_name for c in copies})
+        if len(classes) > 1:
+            where = ", ".join(f"{c.path} ({c.class_name})" for c in copies)
+            skipped += [{"path": c.path, "reason": f"label conflict: identical files under classes {classes}: {where}"} for c in copies]
+            continue
+        copies = sorted(copies, key=lambda c: (KEEP_PRIORITY[c.folder_split], c.path))
+        kept.append(copies[0])
+        skipped += [{"path": c.path, "reason": f"duplicate of {copies[0].path}"} for c in copies[1:]]
+    return sorted(kept, key=lambda im: im.path), skipped
+
+
+def stratified_split(
+    class_names: Sequence[str], ratios: Sequence[float], split_names: Sequence[str], seed: int
+) -> list[str]:
+    """A split name per item: each class is shuffled and cut by `ratios`, within one image of exact.
+
+    The first split takes what is left after rounding the others, so no image is lost.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, name in enumerate(class_names):
+        by_class[name].append(i)
+    assigned = [""] * len(class_names)
+    for name in sorted(by_class):
+        members = rng.permutation(by_class[name])
+        counts = [math.floor(len(members) * r + 0.5) for r in ratios[1:]]
+        counts.insert(0, len(members) - sum(counts))
+        if min(counts) < 1:
+            need = math.ceil(1 / min(ratios))
+            raise UserError(
+                f"class '{name}' has {len(members)} usable images, too few to split into "
+                f"{'/'.join(split_names)} with ratios {list(ratios)}; it needs about {need}: add images or drop the class"
+            )
+        start = 0
+        for split, count in zip(split_names, counts):
+            for i in members[start:start + count]:
+                assigned[i] = split
+            start += count
+    return assigned
+
+
+def assign_splits(images: list[Candidate], layout: str, params: IndexParams) -> list[str]:
+    names = [im.class_name for im in images]
+    if layout == "flat":
+        return stratified_split(names, params.split_ratios, SPLITS, params.seed)
+    folder_splits = {im.folder_split for im in images}
+    if "val" in folder_splits and "test" in folder_splits:
+        return [im.folder_split for im in images]
+    # One held-out folder: it becomes the test split (never used to pick a model), and val is
+    # carved out of train.
+    splits = ["test" if im.folder_split != "train" else "" for im in images]
+    train_rows = [i for i, s in enumerate(splits) if not s]
+    carved = stratified_split(
+        [names[i] for i in train_rows], (1 - params.val_fraction, params.val_fraction), ("train", "val"), params.seed
+    )
+    for i, split in zip(train_rows, carved):
+        splits[i] = split
+    return splits
+
+
+def build_index(images: list[Candidate], splits: list[str], classes: list[str], seed: int) -> pd.DataFrame:
+    label = {name: i for i, name in enumerate(classes)}
+    table = pd.DataFrame(
+        {
+            "path": [im.path for im in images],
+            "class": [im.class_name for im in images],
+            "label": [label[im.class_name] for im in images],
+            "split": splits,
+            "sha256": [im.sha256 for im in images],
+            "width": [im.width for im in images],
+            "height": [im.height for im in images],
+        },
+        columns=CSV_COLUMNS,
+    )
+    order = np.random.default_rng(seed).permutation(len(table))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def data_summary(index: pd.DataFrame, classes: list[str], layout: str, skipped: list[dict]) -> dict:
+    counts = {}
+    for split in SPLITS:
+        per_class = Counter(index.loc[index["split"] == split, "class"])
+        counts[split] = {name: per_class.get(name, 0) for name in classes} | {"total": sum(per_class.values())}
+    return {
+        "layout": layout,
+        "classes": len(classes),
+        "images": len(index),
+        "counts": counts,
+        "skipped": len(skipped),
+        "skipped_files": sorted(skipped, key=lambda s: s["path"]),
+    }

@@ -1,0 +1,310 @@
+"""The training loop: what a strategy means, epochs of the head on cached features, and epochs
+of the whole network on images.
+
+`plan_for` is the one place that reads `strategy`; everything after it follows the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from stages.lib.backbones import Preprocessing
+from stages.lib.bookkeeping import Books, EpochResult
+from stages.lib.classifier import Classifier, build_classifier, head_config, make_head, prefixed, unprefixed
+from stages.lib.cli import UserError
+from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
+from stages.lib.features import read_head_features
+from stages.lib.inference import feature_probabilities, loader_probabilities, loss_and_accuracy
+from stages.lib.optim import build_optimizer, build_scheduler
+from stages.lib.params import Params
+from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a strategy trains. The head phase always learns at train.lr."""
+    head_first: bool  # a new head on the cached features of the pretrained backbone
+    network: bool  # then every layer on images
+    pretrained: bool  # the network starts from the pretrained backbone (else random weights)
+    backbone_lr: float  # the network phase's learning rates
+    head_lr: float
+
+
+def plan_for(params: Params, has_pretrained: bool) -> Plan:
+    lr, mult = params.train.lr, params.train.backbone_lr_mult
+    if params.strategy != "scratch" and not has_pretrained:
+        raise UserError(f"params.yaml: strategy {params.strategy} needs pretrained weights, but model.weights is none; "
+                        "use strategy scratch or set model.weights")
+    if params.strategy == "frozen":
+        return Plan(head_first=True, network=False, pretrained=True, backbone_lr=0.0, head_lr=lr)
+    if params.strategy == "scratch":
+        return Plan(head_first=False, network=True, pretrained=False, backbone_lr=lr, head_lr=lr)
+    warm = params.train.head_epochs > 0
+    # A head trained on the features first should move as gently as the backbone under it.
+    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult, head_lr=lr * mult if warm else lr)
+
+
+@dataclass
+class Run:
+    """What every epoch of one training run shares."""
+    params: Params
+    device: torch.device
+    criterion: nn.Module
+    timing: Counter = field(default_factory=Counter)  # seconds: head, data, compute, validate
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class Model:
+    """The classifier being trained. Until a network phase attaches the whole network only the
+    head exists and the backbone is the pretrained state dict: a frozen run never builds the
+    backbone (nor imports timm or torchvision)."""
+    pretrained: dict | None
+    head: nn.Module | None = None
+    backbone: nn.Module | None = None
+
+    def state_dict(self) -> dict:
+        """The classifier's state dict, keys as in `Classifier`."""
+        backbone = self.backbone.state_dict() if self.backbone is not None else self.pretrained
+        return {**prefixed("backbone", backbone), **prefixed("head", self.head.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(unprefixed("head", state))
+        if self.backbone is not None:
+            self.backbone.load_state_dict(unprefixed("backbone", state))
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoch: int,
+                    on_images: bool) -> tuple[float, float]:
+    """One pass over `batches`; returns mean loss and accuracy. Stops on a non-finite loss.
+
+    On images: on the run's device, with its precision and memory format, a progress bar, and the
+    seconds spent waiting for batches ("data") and the rest ("compute") added to run.timing: if
+    data is more than a sliver, the loader does not keep up. On cached features: on the CPU,
+    quietly (an epoch takes milliseconds).
+    """
+    p = run.params.train
+    device = run.device if on_images else torch.device("cpu")
+    amp, channels_last = (p.amp, p.channels_last) if on_images else (False, False)
+    timing = run.timing if on_images else Counter()
+    total_loss = correct = seen = 0
+    # disable=None: a bar on a terminal, none in CI logs.
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if on_images else True)
+    waited_from = time.perf_counter()
+    for inputs, labels in bar:
+        computing_from = time.perf_counter()
+        timing["data"] += computing_from - waited_from
+        inputs, labels = to_device(inputs, device, channels_last), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(inputs)
+            loss = run.criterion(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"epoch {epoch}: the loss became {loss.item()}; lower train.lr "
+                            f"(the learning rate was {opt.lr():.3g})")
+        opt.step(loss)
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        waited_from = time.perf_counter()
+        timing["compute"] += waited_from - computing_from
+    total_loss, correct, seen = sum_over_processes(total_loss, correct, seen)
+    return total_loss / seen, correct / seen
+
+
+def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch of shuffled batches sliced from tensors in memory: a DataLoader would index and
+    collate every sample one by one, which costs more than the head's training itself."""
+    order = torch.randperm(len(labels), generator=generator)
+    return [(inputs[i], labels[i]) for i in order.split(batch_size)]
+
+
+def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
+    """Train the head on cached features; yields (EpochResult, None) per epoch: head epochs take
+    milliseconds, so an interrupted head phase starts over rather than resuming."""
+    p = run.params.train
+    views = train["features"].shape[1]
+    inputs = train["features"].flatten(0, 1)
+    labels = train["labels"].repeat_interleave(views)
+    generator = torch.Generator().manual_seed(p.seed)
+    optimizer = build_optimizer([{"params": head.parameters(), "lr": p.lr}], p)
+    opt = Optimization(optimizer, build_scheduler(optimizer, p, math.ceil(len(labels) / p.head_batch_size), p.head_epochs))
+    for i in range(p.head_epochs):
+        epoch = first_epoch + i
+        started = time.perf_counter()
+        head.train()
+        lr = opt.lr()
+        batches = shuffled_batches(inputs, labels, p.head_batch_size, generator)
+        train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
+        probs = feature_probabilities(head, val, run.params.model.tta)
+        run.timing["head"] += time.perf_counter() - started
+        yield EpochResult(epoch, "head", train_loss, train_acc, *loss_and_accuracy(probs, val["labels"]), lr), None
+
+
+def keep_batchnorm_statistics(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode: with a few hundred images and small batches, batch
+    statistics are noisy, and the pretrained running statistics are what the head was fit to."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
+def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object, object]:
+    """The train split's sampler and loader (augmented, shuffled per epoch), and the val loader."""
+    p, pin = run.params.train, run.device.type == "cuda"
+    train_set = ImageDataset(read_split("train"), train_transform(prep, run.params.augment), decode_size(prep, True), p.seed)
+    val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
+    # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=run.rank, world_size=run.world_size)
+    return (sampler, make_loader(train_set, p.batch_size, sampler, p.workers, pin, p.seed),
+            make_loader(val_set, p.batch_size, None, p.workers, pin, p.seed))
+
+
+def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoch: int,
+                         resume: dict | None) -> Optimization:
+    """The backbone and the head as two groups at the plan's learning rates; as they were when
+    resuming."""
+    p = run.params.train
+    groups = [{"params": model.backbone.parameters(), "lr": plan.backbone_lr},
+              {"params": model.head.parameters(), "lr": plan.head_lr}]
+    optimizer = build_optimizer(groups, p)
+    opt = Optimization(optimizer, build_scheduler(optimizer, p, steps_per_epoch, p.epochs), grad_scaler(run.device, p.amp))
+    if resume is not None:
+        opt.optimizer.load_state_dict(resume["optimizer"])
+        opt.scheduler.load_state_dict(resume["scheduler"])
+        opt.scaler.load_state_dict(resume["scaler"])
+    return opt
+
+
+def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, first_epoch: int,
+                resume: dict | None = None):
+    """Train every layer on images; yields (EpochResult, state to resume from) per epoch.
+
+    `resume` is such a state: the optimizer, scheduler and scaler continue where they were, and
+    the epochs already done are skipped (each epoch's order and augmentations depend only on the
+    seed and its number, so the rest runs as it would have)."""
+    p, device = run.params.train, run.device
+    sampler, train_loader, val_loader = network_loaders(run, prep)
+    opt = network_optimization(model, run, plan, len(train_loader), resume)
+    runner = model
+    if run.world_size > 1:
+        # Gradients are averaged across processes after each backward pass.
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if p.compile:
+        runner = torch.compile(runner)
+    for i in range(resume["epochs_done"] if resume is not None else 0, p.epochs):
+        sampler.set_epoch(i)
+        runner.train()
+        if p.freeze_bn:
+            keep_batchnorm_statistics(model.backbone)
+        lr = opt.lr()
+        train_loss, train_acc = train_one_epoch(runner, train_loader, opt, run, first_epoch + i, on_images=True)
+        started = time.perf_counter()
+        # Every process scores the whole val split with the same weights, so all agree on the best
+        # epoch; DDP's wrapper is for training only.
+        probs, labels = loader_probabilities(model, val_loader, device, run.params.model.tta, p.channels_last,
+                                             desc="validating")
+        run.timing["validate"] += time.perf_counter() - started
+        state = {"epochs_done": i + 1, "optimizer": opt.optimizer.state_dict(),
+                 "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
+        yield EpochResult(first_epoch + i, "network", train_loss, train_acc, *loss_and_accuracy(probs, labels), lr), state
+
+
+# --- the phases, with their records ----------------------------------------------------------
+# DVC deletes a stage's outputs before running it, except persistent ones: models/train_state.pt
+# is one (dvc.yaml), so a run killed by SIGKILL or a power cut finds it when `dvc repro` runs
+# again, and continues after its last completed epoch if params and inputs are the same.
+
+def follow(epochs, books: Books, model: Model, patience: int) -> None:
+    """Record a phase's (result, resume state) pairs, stopping early after `patience` epochs
+    without a better val score (0: never)."""
+    stale = 0
+    for result, state in epochs:
+        books.record(result, model)
+        if state is not None:
+            books.save_resume_state(model, network=state)
+        stale = 0 if result is books.best else stale + 1
+        if patience and stale >= patience:
+            books.log.info("no better val score for %d epochs: stopping this phase early", stale)
+            return
+
+
+def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, resumed: dict | None) -> None:
+    """A new head on the cached features; or, resuming, the head the interrupted run left."""
+    p = run.params
+    train_features, val_features = read_head_features(pretrained_sha256)
+    width = train_features["features"].shape[-1]
+    model.head = make_head(width, len(books.classes), **head_config(p.model))
+    if resumed is not None:
+        books.resume(resumed)
+        model.load_state_dict(resumed["model"])
+        return
+    follow(fit_head(model.head, train_features, val_features, run, 1), books, model, p.train.patience)
+    books.restore_best(model)
+    books.save_resume_state(model)
+
+
+def network_phase(model: Model, books: Books, run: Run, prep: Preprocessing, plan: Plan,
+                  resumed: dict | None) -> None:
+    """Every layer on the images, from the warm head, the pretrained backbone or random weights."""
+    p = run.params
+    # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if resumed is not None and resumed["network"] is None:
+        torch.set_rng_state(resumed["rng"])  # as it was when the head phase ended
+    network = build_classifier(p.model.backbone, len(books.classes), head_config(p.model))
+    if plan.pretrained:
+        network.backbone.load_state_dict(model.pretrained)
+    if plan.head_first:
+        network.head = model.head
+    if resumed is not None:
+        if not plan.head_first:
+            books.resume(resumed)
+        network.load_state_dict(resumed["model"])
+    model.head, model.backbone = network.head, network.backbone
+    network.to(run.device)
+    if p.train.channels_last:
+        network.to(memory_format=torch.channels_last)
+    first_epoch = (p.train.head_epochs if plan.head_first else 0) + 1
+    if resumed is not None and resumed["network"] is not None:
+        torch.set_rng_state(resumed["rng"])  # as it was after the last completed epoch
+    follow(fit_network(network, run, prep, plan, first_epoch, resumed["network"] if resumed is not None else None),
+           books, model, p.train.patience)
+
+
+def train_model(plan: Plan, model: Model, books: Books, run: Run, prep: Preprocessing, pretrained_sha256: str,
+                resumed: dict | None) -> None:
+    """The phases the plan asks for; models/model.pt holds the best epoch after each improvement."""
+    if plan.head_first:
+        head_phase(model, books, run, pretrained_sha256, resumed)
+    if plan.network:
+        network_phase(model, books, run, prep, plan, resumed)

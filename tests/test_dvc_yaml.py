@@ -1,0 +1,112 @@
+"""dvc.yaml says exactly what each stage reads: its code (the import closure), its params, and
+the check_params gate in front of them."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import zipfile
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from tests.code_deps import stage_code_deps
+from tests.conftest import PROJECT_ROOT
+
+PIPELINE = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def declared_params(stage: dict) -> list[str]:
+    return [key for key in stage.get("params", []) if isinstance(key, str)]
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE))
+def test_code_deps_are_exactly_the_files_the_stage_imports(name):
+    declared = {dep for dep in PIPELINE[name]["deps"] if dep.startswith("stages/")}
+    closure = stage_code_deps(name)
+    assert declared == closure, (
+        f"{name}: dvc.yaml lists {sorted(declared - closure)} that it does not import, and misses "
+        f"{sorted(closure - declared)}; `python -m tests.code_deps` prints the right list")
+
+
+def test_the_library_never_imports_a_stage():
+    from tests.code_deps import import_closure
+
+    for module in sorted((PROJECT_ROOT / "stages/lib").glob("*.py")):
+        imported = import_closure(f"stages.lib.{module.stem}")
+        assert {path for path in imported if not path.startswith("stages/lib/")} == {"stages/__init__.py"}, module
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE))
+def test_every_declared_param_is_gated_by_check_params(name):
+    stage = PIPELINE[name]
+    gates = {dep for dep in stage["deps"] if dep.startswith("data/params/")}
+    assert gates == {f"data/params/{key}.json" for key in declared_params(stage)}
+    if name == "check_params":
+        assert stage["params"] == [{"params.yaml": None}] and stage["outs"] == ["data/params"]
+
+
+def test_every_stage_runs_through_python_m_stages():
+    import subprocess
+    import sys
+
+    from stages.__main__ import STAGES
+
+    assert {name: stage["cmd"] for name, stage in PIPELINE.items()} == {
+        name: f"python -m stages {name}" for name in STAGES}
+    result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {check_params,download,")
+
+
+# --- each stage reads exactly the params it declares -------------------------------------------
+
+class Recorder:
+    """Stands in for the loaded params and notes every key a stage reads (`train.lr`)."""
+
+    def __init__(self, value: BaseModel, path: str, seen: set[str]):
+        self._value, self._path, self._seen = value, path, seen
+
+    def __getattr__(self, name: str):
+        value = getattr(self._value, name)
+        path = f"{self._path}.{name}" if self._path else name
+        if isinstance(value, BaseModel):
+            return Recorder(value, path, self._seen)
+        self._seen.add(path)
+        return value
+
+    def model_dump(self, **kwargs):
+        self._seen.add(self._path or "<everything>")
+        return self._value.model_dump(**kwargs)
+
+
+def covered(read: str, declared: list[str]) -> bool:
+    return any(read == key or read.startswith(key + ".") for key in declared)
+
+
+def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypatch, tmp_path):
+    from stages.lib import params as params_module
+
+    root = tiny_project(run_features=False, strategy="finetune", train={"head_epochs": 1, "epochs": 1})
+    archive = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted((root / "data/raw").rglob("*.png")):
+            zipped.write(path, path.relative_to(root / "data/raw").as_posix())
+    text = (root / "params.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["data"].update(url=str(archive), sha256=None)
+    (root / "params.yaml").write_text(yaml.safe_dump(data))
+    real_load = params_module.load_params
+    for name in [stage for stage in PIPELINE if stage != "check_params"]:
+        seen: set[str] = set()
+        module = importlib.import_module(f"stages.{name}")
+        if hasattr(module, "load_params"):
+            monkeypatch.setattr(module, "load_params", lambda seen=seen: Recorder(real_load(), "", seen))
+        module.main()
+        declared = declared_params(PIPELINE[name])
+        undeclared = sorted(read for read in seen if not covered(read, declared))
+        unread = sorted(key for key in declared if not any(covered(read, [key]) for read in seen))
+        assert not undeclared and not unread, f"{name} reads {undeclared} undeclared; declares {unread} unread"
+    assert json.loads((root / "metrics/eval.json").read_text())["images"] > 0
+    assert os.path.isdir(root / "models/export")
