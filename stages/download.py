@@ -13,7 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from stages.lib.archives import unpack
+from stages.lib.archives import unpack, unpack_inner_archives
 from stages.lib.cli import run_stage
 from stages.lib.fetch import archive_name, obtain_archive, verify_pin
 from stages.lib.files import atomic_dir
@@ -29,10 +29,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix=".download.", dir=RAW_DIR.parent) as workdir:
         archive = obtain_archive(params, Path(workdir))
         verify_pin(archive, params.sha256)
+        caps = int(params.max_unpacked_mb * 2**20), params.max_members
         with atomic_dir(RAW_DIR) as tmp:
-            files = unpack(
-                archive, tmp, archive_name(params.url), int(params.max_unpacked_mb * 2**20), params.max_members
-            )
+            files = unpack(archive, tmp, archive_name(params.url), *caps)
+            files += unpack_inner_archives(tmp, *caps)
     log.info("unpacked %d files into %s", files, RAW_DIR)
 
 

@@ -17,10 +17,12 @@ import torch
 
 from stages.lib.backbones import load_pretrained_backbone
 from stages.lib.cli import run_stage
-from stages.lib.features import extract_split, inference_graph
+from stages.lib.data import read_split
+from stages.lib.features import augmentation_preview, extract_split, inference_graph
 from stages.lib.files import file_sha256, save_torch_atomic
 from stages.lib.params import load_params
-from stages.lib.paths import PRETRAINED, features_file
+from stages.lib.paths import AUGMENTATIONS_PNG, PRETRAINED, features_file
+from stages.lib.plots import save_view_grid
 from stages.lib.runtime import pick_device
 
 
@@ -36,6 +38,8 @@ def main() -> None:
     for split in ("train", "val", "test"):
         torch.manual_seed(params.features.seed)
         save_torch_atomic(features_file(split), {**source, **extract_split(split, backbone, prep, params, device)})
+    save_view_grid(*augmentation_preview(read_split("train"), prep, params), AUGMENTATIONS_PNG,
+                   "what the network sees in training: the plain view, then random augmentations (augment params)")
 
 
 if __name__ == "__main__":

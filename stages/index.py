@@ -15,10 +15,25 @@ from stages.lib.cli import UserError, run_stage
 from stages.lib.files import atomic_path, write_json_atomic
 from stages.lib.layouts import SPLITS, list_images
 from stages.lib.params import load_params
-from stages.lib.paths import CLASSES_JSON, DATA_METRICS, INDEX_CSV, RAW_DIR
-from stages.lib.splits import assign_splits, build_index, data_summary, drop_duplicates, validate
+from stages.lib.paths import CLASSES_JSON, DATA_METRICS, DATASET_PNG, INDEX_CSV, RAW_DIR
+from stages.lib.plots import save_dataset_overview
+from stages.lib.splits import (IMBALANCE_WARNING, assign_splits, build_index, data_summary, drop_duplicates,
+                               skipped_summary, validate)
 
 log = logging.getLogger("index")
+
+
+def log_warnings(index, summary: dict, skipped: list[dict]) -> None:
+    """Skipped files, a line per kind of reason (the full list is in metrics/data.json), and imbalance."""
+    for line in skipped_summary(skipped):
+        log.warning("%s", line)
+    if skipped:
+        log.warning("every skipped file and its reason: %s (skipped_files)", DATA_METRICS)
+    if summary["imbalance_ratio"] > IMBALANCE_WARNING:
+        sizes = index["class"].value_counts()
+        log.warning("classes are imbalanced: %s has %d images, %s %d (%.1fx); accuracy hides the small classes: "
+                    "look at balanced accuracy, and consider train.class_weighting", sizes.index[0], sizes.iloc[0],
+                    sizes.index[-1], sizes.iloc[-1], summary["imbalance_ratio"])
 
 
 def main() -> None:
@@ -41,8 +56,8 @@ def main() -> None:
     write_json_atomic(CLASSES_JSON, classes)
     summary = data_summary(index, classes, layout, skipped)
     write_json_atomic(DATA_METRICS, summary)
-    for entry in summary["skipped_files"]:
-        log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    save_dataset_overview(index, classes, DATASET_PNG)
+    log_warnings(index, summary, skipped)
     log.info(
         "%s layout, %d classes, %d images (%s), %d skipped",
         layout, len(classes), len(index),

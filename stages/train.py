@@ -21,18 +21,17 @@ from dataclasses import asdict
 
 import torch
 from dvclive import Live
-from torch import nn
 
 from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
 from stages.lib.bookkeeping import Books, read_resume_state, run_fingerprint
 from stages.lib.cli import run_stage
-from stages.lib.data import read_classes
+from stages.lib.data import read_classes, read_split
 from stages.lib.files import write_json_atomic
 from stages.lib.params import load_params
 from stages.lib.paths import CURVES_PNG, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON, features_file
 from stages.lib.plots import save_learning_curves
 from stages.lib.runtime import pick_device, start_distributed, stop_distributed, stop_on_sigterm
-from stages.lib.training import Model, Run, plan_for, train_model
+from stages.lib.training import Model, Run, make_run, plan_for, train_model
 
 log = logging.getLogger("train")
 
@@ -70,8 +69,8 @@ def main() -> None:
     pretrained, pretrained_sha256 = read_pretrained_and_sha256(PRETRAINED)
     plan = plan_for(params, has_pretrained=pretrained["state_dict"] is not None)
     prep = Preprocessing.from_dict(pretrained["preprocessing"])
-    run = Run(params, pick_device(), nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing),
-              rank=rank, world_size=world_size)
+    train_labels = torch.tensor(read_split("train")["label"].tolist())
+    run = make_run(params, pick_device(), train_labels, len(classes), rank, world_size)
     log.info("strategy %s, backbone %s, %d classes, device %s", params.strategy, params.model.backbone, len(classes),
              run.device)
     model = Model(pretrained["state_dict"])

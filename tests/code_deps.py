@@ -2,7 +2,8 @@
 
 dvc.yaml must list exactly these as the stage's code deps (tests/test_dvc_yaml.py checks it):
 a shared module edited reruns every stage that uses it, and only those.
-`python -m tests.code_deps` prints the lists to paste into dvc.yaml.
+`python -m tests.code_deps` prints the lists; `python -m tests.code_deps --write` puts them into
+dvc.yaml in place of each stage's `stages/` deps (other deps and comments are kept).
 """
 
 from __future__ import annotations
@@ -60,10 +61,26 @@ def stage_code_deps(stage: str) -> set[str]:
     return import_closure(f"{PACKAGE}.{stage}") | import_closure(f"{PACKAGE}.__main__")
 
 
+def write_into_pipeline(pipeline: Path) -> None:
+    import re
+
+    text = pipeline.read_text(encoding="utf-8")
+    for stage in re.findall(r"^  ([a-z_]+):\n    cmd:", text, flags=re.M):
+        block = re.compile(rf"(^  {stage}:\n    cmd:.*\n    deps:\n(?:      - (?!stages/).*\n)*)((?:      - stages/.*\n)*)", re.M)
+        code = "".join(f"      - {path}\n" for path in sorted(stage_code_deps(stage)))
+        text = block.sub(lambda match: match.group(1) + code, text, count=1)
+    pipeline.write_text(text, encoding="utf-8")
+
+
 if __name__ == "__main__":
+    import sys
+
     from stages.__main__ import STAGES
 
-    for stage in STAGES:
-        print(f"{stage}:")
-        for path in sorted(stage_code_deps(stage)):
-            print(f"      - {path}")
+    if sys.argv[1:] == ["--write"]:
+        write_into_pipeline(ROOT / "dvc.yaml")
+    else:
+        for stage in STAGES:
+            print(f"{stage}:")
+            for path in sorted(stage_code_deps(stage)):
+                print(f"      - {path}")

@@ -198,15 +198,14 @@ def train_with_library(root: Path) -> Path:
     import os
 
     import torch
-    from torch import nn
 
     from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
     from stages.lib.bookkeeping import Books
     from stages.lib.checkpoint import save_checkpoint
-    from stages.lib.data import read_classes
+    from stages.lib.data import read_classes, read_split
     from stages.lib.params import load_params
     from stages.lib.paths import MODEL, PRETRAINED
-    from stages.lib.training import Model, Run, plan_for, train_model
+    from stages.lib.training import Model, make_run, plan_for, train_model
 
     here = Path.cwd()
     os.chdir(root)
@@ -215,8 +214,9 @@ def train_with_library(root: Path) -> Path:
         torch.manual_seed(params.train.seed)
         pretrained, sha256 = read_pretrained_and_sha256(PRETRAINED)
         prep = Preprocessing.from_dict(pretrained["preprocessing"])
-        run = Run(params, torch.device("cpu"), nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing))
-        books = Books(params, read_classes(), prep, sha256, run.timing)
+        classes = read_classes()
+        run = make_run(params, torch.device("cpu"), torch.tensor(read_split("train")["label"].tolist()), len(classes))
+        books = Books(params, classes, prep, sha256, run.timing)
         train_model(plan_for(params, True), Model(pretrained["state_dict"]), books, run, prep, sha256, None)
         books.save_best()
         save_checkpoint(MODEL, books.best_checkpoint)

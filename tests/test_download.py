@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import stat
 import tarfile
 import threading
@@ -282,3 +283,46 @@ def test_too_many_members_is_refused(project, tmp_path):
     with pytest.raises(UserError, match=r"more than 5 members \(at 'ok/5.txt'\); raise data.max_members"):
         run_download(project, url=str(archive), max_members=5)
     assert not Path("data/raw").exists()
+
+
+def test_an_inner_archive_is_unpacked_one_level_under_the_same_rules(project, tmp_path):
+    from stages import index
+
+    photos = tmp_path / "photos"
+    make_image_tree(photos / "cats_and_dogs", {"cat": 6, "dog": 6})
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    zip_tree(photos, outer / "photos.zip")  # a zip inside the zip, as many downloads come
+    root = run_download(project, url=str(zip_tree(outer, tmp_path / "download.zip")), sha256=None)
+    assert unpacked(root)[0].startswith("photos/cats_and_dogs/cat/") and len(unpacked(root)) == 12
+    index.main()
+    assert json.loads((root / "metrics/data.json").read_text())["images"] == 12
+
+
+def test_an_archive_nested_deeper_is_named_in_the_error(project, tmp_path):
+    from stages import index
+
+    photos = tmp_path / "photos"
+    make_image_tree(photos / "cat_and_dog", {"cat": 6, "dog": 6})
+    level1, level2 = tmp_path / "level1", tmp_path / "level2"
+    level1.mkdir()
+    level2.mkdir()
+    zip_tree(photos, level1 / "deepest.zip")
+    zip_tree(level1, level2 / "middle.zip")
+    root = run_download(project, url=str(zip_tree(level2, tmp_path / "download.zip")), sha256=None)
+    assert unpacked(root) == ["middle/deepest.zip"]
+    with pytest.raises(UserError, match=r"no class folders, only the archive\(s\) middle/deepest.zip, nested more than "
+                                        r"one level deep; unpack them"):
+        index.main()
+
+
+def test_an_inner_archive_escaping_the_folder_is_refused(project, tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("../../outside.txt", "x")
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "evil.zip").write_bytes(evil.read_bytes())
+    with pytest.raises(UserError, match=r"archive member '../../outside.txt' contains '..'"):
+        run_download(project, url=str(zip_tree(outer, tmp_path / "download.zip")), sha256=None)
+    assert not (project().parent / "outside.txt").exists()

@@ -28,7 +28,7 @@ def test_scores_from_known_predictions():
 
 
 def test_scores_agree_with_scikit_learn():
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
     generator = torch.Generator().manual_seed(0)
     # Five classes; class 3 is never predicted and class 4 never true, so zero divisions happen.
@@ -41,6 +41,7 @@ def test_scores_agree_with_scikit_learn():
     y_true, y_pred, ids = labels.numpy(), probs.argmax(1).numpy(), list(range(5))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     assert scores["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
     assert scores["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0))
     for i, name in enumerate(classes):
         assert scores["per_class"][name] == {"precision": pytest.approx(precision[i]), "recall": pytest.approx(recall[i]),

@@ -43,11 +43,14 @@ def test_features_hold_every_view_and_match_the_backbone(tiny_project, tta, held
     torch.testing.assert_close(test["features"][0], expected, rtol=1e-4, atol=1e-5)
     # Augmented views differ from the plain one.
     assert not torch.allclose(train["features"][0, 0], train["features"][0, 2])
+    # and a picture shows them: four training images, plain then five augmentations each.
+    assert (root / "metrics/features/augmentations.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_features_are_reproducible(tiny_project, workers):
     root = tiny_project(features={"workers": workers})
-    first = {split: (root / f"data/features/{split}.pt").read_bytes() for split in ("train", "val", "test")}
+    files = [f"data/features/{split}.pt" for split in ("train", "val", "test")] + ["metrics/features/augmentations.png"]
+    first = {name: (root / name).read_bytes() for name in files}
     features.main()
-    assert {split: (root / f"data/features/{split}.pt").read_bytes() for split in ("train", "val", "test")} == first
+    assert {name: (root / name).read_bytes() for name in files} == first

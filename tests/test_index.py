@@ -255,3 +255,66 @@ def test_a_read_only_data_folder_is_one_line_naming_the_output(tiny_project):
     assert re.fullmatch(r"error: data/index.csv: cannot write it in data/ \((Read-only file system|Permission denied)\); "
                         r"make that folder writable, or run where it is", result.stderr.strip()), result.stderr
     assert (root / "data/index.csv").read_bytes() == before
+
+
+def test_skipped_files_are_summarised_by_kind_in_the_log(project, caplog):
+    root = project()
+    raw = root / "data/raw"
+    make_image_tree(raw, {"a": 12, "b": 12})
+    for i in range(40):  # forty copies of three images
+        write_image(raw / "a" / f"copy_{i:02d}.png", color=distinct_color(i % 3), fmt="PNG")
+    for i in range(2):
+        (raw / "b" / f"broken_{i}.jpg").write_bytes(b"not an image")
+    caplog.set_level("INFO")
+    _, summary = run_index(root)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings  # one line per kind and a pointer to the full list
+    assert warnings[0].startswith("40 skipped, duplicate: a/copy_03.png (duplicate of a/copy_00.png); ")
+    assert warnings[0].endswith("; and 37 more")
+    assert warnings[1] == "2 skipped, not an image: b/broken_0.jpg (not an image); b/broken_1.jpg (not an image)"
+    assert warnings[2] == "every skipped file and its reason: metrics/data.json (skipped_files)"
+    assert summary["skipped"] == 42 and len(summary["skipped_files"]) == 42
+
+
+def test_imbalance_is_recorded_and_warned_about(project, caplog):
+    root = project()
+    make_image_tree(root / "data/raw", {"many": 40, "few": 10})
+    caplog.set_level("INFO")
+    _, summary = run_index(root)
+    assert summary["imbalance_ratio"] == 4.0
+    assert any("classes are imbalanced: many has 40 images, few 10 (4.0x)" in r.getMessage() for r in caplog.records)
+    import shutil
+
+    shutil.rmtree(root / "data/raw")
+    make_image_tree(root / "data/raw", {"many": 29, "few": 10}, start=100)
+    caplog.clear()
+    _, summary = run_index(root)
+    assert summary["imbalance_ratio"] == 2.9 and "imbalanced" not in caplog.text
+
+
+def test_the_dataset_picture_is_drawn(project):
+    root = project()
+    make_image_tree(root / "data/raw", {"a": 12, "b": 5})
+    run_index(root)
+    picture = root / "metrics/index/dataset.png"
+    assert picture.read_bytes().startswith(b"\x89PNG") and picture.stat().st_size > 10_000
+
+
+def test_a_train_only_layout_is_split_by_the_flat_ratios(project, caplog):
+    root = project()
+    make_image_tree(root / "data/raw/dataset/images/train", {"cat": 10, "dog": 10})
+    caplog.set_level("INFO")
+    table, summary = run_index(root)
+    assert summary["layout"] == "train-only"
+    assert ("found dataset/images/train/ with classes cat, dog but no val or test folder: val and test are carved "
+            "from it by index.split_ratios") in caplog.text
+    assert table.groupby("split").size().to_dict() == {"test": 4, "train": 12, "val": 4}
+    assert table.path.str.startswith("dataset/images/train/").all()
+
+
+def test_split_folders_without_a_train_folder_are_named(project):
+    root = project()
+    make_image_tree(root / "data/raw/val", {"cat": 3, "dog": 3})
+    make_image_tree(root / "data/raw/test", {"cat": 3, "dog": 3}, start=50)
+    with pytest.raises(UserError, match=r"found split folders \['test', 'val'\] but no train folder; add one"):
+        index.main()

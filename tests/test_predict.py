@@ -50,6 +50,7 @@ def test_predict_matches_evaluate_and_reports_unreadable_files(trained_project):
     assert (good.top1_probability + good.top2_probability).to_numpy() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow  # two fresh processes importing torch
 def test_console_script_and_exit_status(trained_project):
     root = trained_project
     image = next((root / "data/raw").rglob("*.png"))

@@ -12,7 +12,6 @@ from collections import Counter
 
 import pytest
 import torch
-import yaml
 
 from stages import train
 from stages.lib.checkpoint import read_checkpoint
@@ -120,7 +119,7 @@ def test_early_stopping_after_patience_epochs_without_progress(project):
     def epochs():
         for i, (acc, loss) in enumerate(scores, start=1):
             consumed.append(i)
-            yield EpochResult(i, "head", 1.0, 0.5, loss, acc, 0.1), None
+            yield EpochResult(i, "head", 1.0, 0.5, loss, acc, acc, 0.1), None
 
     follow(epochs(), books, model, patience=2)
     assert consumed == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2: stop
@@ -189,7 +188,7 @@ def run_train(root, env) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_project):
     root = tiny_project(strategy="finetune", model={"dropout": 0.3},
-                        train={"head_epochs": 2, "epochs": 6, "workers": 1, "scheduler": "onecycle"})
+                        train={"head_epochs": 2, "epochs": 4, "workers": 1, "scheduler": "onecycle"})
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     run_train(root, env)
     reference = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
@@ -211,7 +210,7 @@ def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_pro
     process.kill()  # SIGKILL: no handler runs, as after a power cut
     process.wait()
     killed = torch.load(state_file, weights_only=True)
-    assert not killed["complete"] and 2 <= killed["network"]["epochs_done"] < 6
+    assert not killed["complete"] and 2 <= killed["network"]["epochs_done"] < 4
 
     resumed = run_train(root, env)
     assert f"resuming an interrupted run after epoch {2 + killed['network']['epochs_done']}" in resumed.stderr
@@ -219,18 +218,76 @@ def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_pro
     final = load_model_checkpoint(root)["state_dict"]
     assert all(torch.equal(final[k], reference[1][k]) for k in reference[1])
     steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
-    assert len(steps) == 1 + 2 + 6  # the interrupted run's epochs are logged once
+    assert len(steps) == 1 + 2 + 4  # the interrupted run's epochs are logged once
 
-    # With other params, a leftover state is not used.
-    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (process.poll() is None and not torch.load(state_file, weights_only=True)["complete"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["lr"] = 0.02
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    fresh = run_train(root, env)
-    assert "resuming" not in fresh.stderr and "from a run with other params or inputs: starting afresh" in fresh.stderr
+
+def test_balanced_weights_and_weighted_loss(project):
+    from stages.lib.params import load_params
+    from stages.lib.training import balanced_class_weights, make_run
+
+    labels = torch.tensor([0, 0, 0, 1])
+    assert balanced_class_weights(labels, 2).tolist() == pytest.approx([4 / 6, 2.0])
+    project(train={"class_weighting": "balanced", "label_smoothing": 0.0})
+    run = make_run(load_params(), torch.device("cpu"), labels, 2)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 1])
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    weights = torch.tensor([4 / 6, 2.0])
+    assert run.loss(logits, targets).item() == pytest.approx(((each * weights).sum() / weights.sum()).item())
+    project(train={"class_weighting": "none"})
+    assert make_run(load_params(), torch.device("cpu"), labels, 2).class_weights is None
+
+
+def test_the_balanced_sampler_draws_every_class_equally_often_and_replays_an_epoch():
+    from stages.lib.data import EpochSampler
+    from stages.lib.training import balanced_sample_weights
+
+    labels = torch.tensor([0] * 180 + [1] * 20)
+    sampler = EpochSampler(200, shuffle=True, seed=3, weights=balanced_sample_weights(labels, 2))
+    sampler.set_epoch(1)
+    first = [i for _, i in sampler]
+    drawn = labels[first]
+    assert len(first) == 200 and 70 <= int((drawn == 1).sum()) <= 130  # about half, not a tenth
+    assert [i for _, i in sampler] == first  # the same epoch again: the same draw (resumable)
+    sampler.set_epoch(2)
+    assert [i for _, i in sampler] != first
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sampler"])
+def test_class_weighting_trains_both_phases_deterministically(tiny_project, weighting):
+    root = tiny_project(strategy="finetune", train={"class_weighting": weighting, "head_epochs": 2, "epochs": 1})
+    train.main()
+    if weighting == "sampler":  # the one that draws: the same draw again
+        first = (root / "metrics/train/metrics.json").read_text()
+        train.main()
+        assert (root / "metrics/train/metrics.json").read_text() == first
+    checkpoint = read_checkpoint(root / "models/model.pt")
+    assert checkpoint.params["train"]["class_weighting"] == weighting
+
+
+def test_the_best_epoch_by_macro_f1_or_accuracy():
+    from stages.lib.bookkeeping import EpochResult
+
+    accurate = EpochResult(1, "head", 0.5, 0.9, 0.4, val_acc=0.90, val_f1=0.60, lr=0.1)
+    balanced = EpochResult(2, "head", 0.5, 0.9, 0.5, val_acc=0.85, val_f1=0.80, lr=0.1)
+    assert accurate.beats(balanced, "accuracy") and not balanced.beats(accurate, "accuracy")
+    assert balanced.beats(accurate, "macro_f1") and not accurate.beats(balanced, "macro_f1")
+    tie = EpochResult(3, "head", 0.5, 0.9, 0.3, val_acc=0.90, val_f1=0.60, lr=0.1)
+    assert tie.beats(accurate, "accuracy")  # same score, lower val loss
+
+
+def test_a_leftover_state_of_other_params_or_a_finished_run_is_not_resumed(project, caplog):
+    from stages.lib.bookkeeping import read_resume_state
+    from stages.lib.paths import TRAIN_STATE
+
+    root = project()
+    (root / "models").mkdir()
+    torch.save({"fingerprint": "of other params", "complete": False}, root / TRAIN_STATE)
+    caplog.set_level("INFO")
+    assert read_resume_state("of these params") is None
+    assert "from a run with other params or inputs: starting afresh" in caplog.text
+    assert read_resume_state("of other params") == {"fingerprint": "of other params", "complete": False}
+    torch.save({"fingerprint": "of these params", "complete": True}, root / TRAIN_STATE)
+    assert read_resume_state("of these params") is None  # finished: dvc repro -f trains afresh
+    (root / TRAIN_STATE).write_bytes(b"truncated")
+    assert read_resume_state("of these params") is None and "unreadable" in caplog.text

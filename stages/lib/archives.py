@@ -19,6 +19,7 @@ from stages.lib.cli import UserError
 log = logging.getLogger("download")
 
 CHUNK = 1 << 20
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
 @dataclass(frozen=True)
@@ -138,4 +139,29 @@ def unpack(path: Path, dest: Path, display_name: str, max_bytes: int, max_member
             except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError) as err:
                 raise UserError(f"archive member {member.name!r} is corrupt ({err}); replace the archive") from None
             files += 1
+    return files
+
+
+def without_archive_suffix(name: str) -> str:
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def unpack_inner_archives(folder: Path, max_bytes: int, max_members: int) -> int:
+    """Archives inside the unpacked archive (one level: not those inside them), each unpacked
+    under the same rules into a folder named after it, which replaces it. Returns the files written."""
+    files = 0
+    inner = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(ARCHIVE_SUFFIXES)
+                   and not p.name.startswith("."))
+    for archive in inner:
+        target = archive.with_name(without_archive_suffix(archive.name))
+        if target.exists():
+            target = archive.with_name(archive.name + ".unpacked")
+        target.mkdir()
+        written = unpack(archive, target, archive.name, max_bytes, max_members)
+        archive.unlink()
+        log.info("unpacked the inner archive %s: %d files", archive.relative_to(folder), written)
+        files += written
     return files

@@ -40,11 +40,15 @@ class EpochResult:
     train_acc: float
     val_loss: float
     val_acc: float
+    val_f1: float  # macro-F1
     lr: float
 
-    def beats(self, other: "EpochResult | None") -> bool:
-        """Better val accuracy, ties broken by lower val loss."""
-        return other is None or (self.val_acc, -self.val_loss) > (other.val_acc, -other.val_loss)
+    def score(self, select_on: str) -> float:
+        return self.val_f1 if select_on == "macro_f1" else self.val_acc
+
+    def beats(self, other: "EpochResult | None", select_on: str = "accuracy") -> bool:
+        """A better val score (train.select_on), ties broken by lower val loss."""
+        return other is None or (self.score(select_on), -self.val_loss) > (other.score(select_on), -other.val_loss)
 
 
 class Books:
@@ -78,7 +82,7 @@ class Books:
     def log_epoch(self, result: EpochResult) -> None:
         if self.live is None:
             return
-        for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1"):
             self.live.log_metric(name.replace("_", "/", 1), getattr(result, name))
         self.live.log_metric("lr", result.lr)
         self.live.next_step()
@@ -86,10 +90,10 @@ class Books:
     def record(self, result: EpochResult, model) -> None:
         self.history.append(result)
         self.log_epoch(result)
-        improved = result.beats(self.best)
-        log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e%s",
+        improved = result.beats(self.best, self.params.train.select_on)
+        log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e%s",
                  result.epoch, result.phase, result.train_loss, result.train_acc, result.val_loss, result.val_acc,
-                 result.lr, " | best so far" if improved else "")
+                 result.val_f1, result.lr, " | best so far" if improved else "")
         if improved:
             self.best, self.best_state = result, model.state_dict()
             # Head epochs take milliseconds: their best is written once, when the phase ends.

@@ -106,8 +106,10 @@ class EpochSampler(Sampler):
     start to a multiple of world_size (as DistributedSampler does), so every process runs the same
     number of steps."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: torch.Tensor | None = None):
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.weights = weights  # per item: draw `size` items with replacement by these (class-balanced)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,8 +119,11 @@ class EpochSampler(Sampler):
         return math.ceil(self.size / self.world_size)
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(item_seed(self.seed, self.epoch, 0)))
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, 0))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
         padded = order.tolist()

@@ -95,6 +95,23 @@ def extract_split(split: str, backbone, prep: Preprocessing, params: Params, dev
             "paths": rows["path"].tolist()}
 
 
+def augmentation_preview(rows, prep: Preprocessing, params: Params, images: int = 4, views: int = 5):
+    """For the first training images: the plain view, then random training augmentations, as
+    HxWx3 arrays in 0..1, with a title per image. Drawn from its own seeded generator, so the
+    features (computed before) and this picture are reproducible."""
+    plain, augmented = eval_transform(prep), train_transform(prep, params.augment)
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
+    grid, titles = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.features.seed)
+        for path, name in zip(rows["path"][:images], rows["class"][:images]):
+            image = load_image(RAW_DIR / path, decode_size(prep, True))
+            tensors = [plain(image)] + [augmented(image) for _ in range(views)]
+            grid.append([(t * std + mean).permute(1, 2, 0).numpy() for t in tensors])
+            titles.append(f"{name}: {path}")
+    return grid, titles
+
+
 def read_features(split: str) -> dict:
     path = features_file(split)
     if not path.is_file():

@@ -7,13 +7,17 @@ files, __MACOSX, Thumbs.db) is ignored; files that are not images are listed wit
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from stages.lib.archives import ARCHIVE_SUFFIXES
 from stages.lib.cli import UserError
 from stages.lib.images import is_image_name
+
+log = logging.getLogger("index")
 
 LITTER = {"__macosx", "thumbs.db", "desktop.ini"}
 SPLIT_SYNONYMS = {
@@ -83,33 +87,58 @@ def class_folders(parent: Path) -> dict[str, Path]:
     return {d.name: d for d in visible_children(parent)[0]}
 
 
-def list_images(raw: Path) -> tuple[str, list[str], list[Candidate], list[dict]]:
-    """The layout, the sorted class names, every candidate image and the files passed over."""
+def split_sources(splits: dict[str, Path]) -> list[tuple[str, str, Path]]:
+    """(split, class, folder) of predefined split folders, which must hold the same classes."""
+    per_split = {split: class_folders(folder) for split, folder in splits.items()}
+    reference = per_split["train"].keys()
+    for split, classes in per_split.items():
+        if classes.keys() != reference:
+            raise UserError(
+                f"{splits[split]}: class folders {sorted(classes)} differ from train's {sorted(reference)}; "
+                "every split folder needs the same class folders"
+            )
+    return [(split, name, folder) for split, classes in per_split.items() for name, folder in classes.items()]
+
+
+def no_classes_error(root: Path, raw: Path) -> UserError:
+    archives = [f.relative_to(raw).as_posix() for f in visible_children(root)[1]
+                if f.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if archives:
+        return UserError(f"{root}: no class folders, only the archive(s) {', '.join(archives)}, nested more than one "
+                         "level deep; unpack them and point data.url at the result")
+    return UserError(f"{root}: no class folders found; put each class's images in a folder named after the class")
+
+
+def find_layout(raw: Path) -> tuple[str, Path, dict[str, Path]]:
+    """(layout, the folder holding the classes or split folders, the split folders)."""
     root = find_dataset_root(raw)
     splits = split_folders(root)
-    skipped: list[dict] = []
+    if splits and "train" not in splits:
+        raise UserError(
+            f"{root}: found split folders {sorted(p.name for p in splits.values())} but no train folder; add one, "
+            "or put the class folders side by side with no split folders (they are then split by index.split_ratios)"
+        )
+    if set(splits) == {"train"}:
+        # Only a train folder: its classes are the dataset, split like flat class folders.
+        log.info("found %s/ with classes %s but no val or test folder: val and test are carved from it by "
+                 "index.split_ratios", splits["train"].relative_to(raw).as_posix(),
+                 ", ".join(sorted(class_folders(splits["train"]))))
+        return "train-only", splits["train"], {}
+    return ("predefined" if splits else "flat"), root, splits
+
+
+def list_images(raw: Path) -> tuple[str, list[str], list[Candidate], list[dict]]:
+    """The layout, the sorted class names, every candidate image and the files passed over."""
+    layout, root, splits = find_layout(raw)
     relative = lambda p: p.relative_to(raw).as_posix()  # noqa: E731
+    skipped: list[dict] = []
     if splits:
-        if "train" not in splits or not ({"val", "test"} & splits.keys()):
-            raise UserError(
-                f"{root}: split folders {sorted(p.name for p in splits.values())} need a train folder and a val or test folder"
-            )
-        layout = "predefined"
-        per_split = {split: class_folders(folder) for split, folder in splits.items()}
-        reference = per_split["train"].keys()
-        for split, classes in per_split.items():
-            if classes.keys() != reference:
-                raise UserError(
-                    f"{splits[split]}: class folders {sorted(classes)} differ from train's {sorted(reference)}; "
-                    "every split folder needs the same class folders"
-                )
-        sources = [(split, name, folder) for split, classes in per_split.items() for name, folder in classes.items()]
+        sources = split_sources(splits)
     else:
-        layout = "flat"
         sources = [(None, name, folder) for name, folder in class_folders(root).items()]
         skipped += [{"path": relative(f), "reason": "not inside a class folder"} for f in visible_children(root)[1]]
     if not sources:
-        raise UserError(f"{root}: no class folders found; put each class's images in a folder named after the class")
+        raise no_classes_error(root, raw)
     images = []
     for split, class_name, folder in sources:
         for f in files_under(folder):

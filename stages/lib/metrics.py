@@ -26,6 +26,14 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> float:
+    """Mean F1 over the classes (0 for a class never predicted nor present, as scikit-learn's
+    zero_division=0 gives)."""
+    confusion = confusion_counts(y_true, y_pred, classes)
+    right = np.diag(confusion)
+    return float(ratio(2 * right, confusion.sum(1) + confusion.sum(0)).mean())
+
+
 def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     loss, _ = loss_and_accuracy(probs, labels)
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
@@ -36,6 +44,8 @@ def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[s
     return {
         "accuracy": float(right.sum() / len(y_true)),
         "macro_f1": float(f1.mean()),
+        # mean recall over the classes the test split has: what accuracy would be if they were balanced
+        "balanced_accuracy": float(recall[support > 0].mean()),
         "loss": loss,
         "images": int(len(y_true)),
         "per_class": {

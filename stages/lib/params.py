@@ -103,6 +103,8 @@ class TrainParams(Strict):
     step_size: Annotated[int, Field(ge=1)]
     gamma: Annotated[float, Field(gt=0, le=1)]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    class_weighting: Literal["none", "balanced", "sampler"]
+    select_on: Literal["accuracy", "macro_f1"]
     freeze_bn: bool
     patience: Annotated[int, Field(ge=0)]
     seed: int

@@ -10,9 +10,11 @@ RAW_DIR = Path("data/raw")
 INDEX_CSV = Path("data/index.csv")
 CLASSES_JSON = Path("data/classes.json")
 DATA_METRICS = Path("metrics/data.json")
+DATASET_PNG = Path("metrics/index/dataset.png")  # images per class and split, image sizes
 
 PRETRAINED = Path("models/pretrained.pt")
 FEATURES_DIR = Path("data/features")
+AUGMENTATIONS_PNG = Path("metrics/features/augmentations.png")  # what the network sees in training
 
 MODEL = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from

@@ -11,9 +11,9 @@ import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from stages.lib.files import atomic_path  # noqa: E402
+from stages.lib.images import load_image  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:
@@ -66,13 +66,47 @@ def save_image_grid(images: Sequence[Path], titles: Sequence[str], colors: Seque
     for ax in axes.flat:
         ax.axis("off")
     for ax, image_path, title, color in zip(axes.flat, images, titles, colors):
-        with Image.open(image_path) as image:
-            image.draft("RGB", (thumb, thumb))
-            image = image.convert("RGB")
-            image.thumbnail((thumb, thumb))
-            ax.imshow(image)
+        image = load_image(image_path, thumb)
+        image.thumbnail((thumb, thumb))
+        ax.imshow(image)
         ax.set_title(title, color=color, fontsize=9)
     if not images:
         axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center", fontsize=14)
+    figure.suptitle(heading)
+    save_figure(figure, path)
+
+
+def save_dataset_overview(index, classes: list[str], path: Path) -> None:
+    """Images per class in each split, and the images' sizes: what a user should see before training."""
+    splits = ("train", "val", "test")
+    figure, (count_ax, size_ax) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.3 * len(classes) + 2)))
+    positions = np.arange(len(classes))
+    height = 0.8 / len(splits)
+    for i, split in enumerate(splits):
+        counts = index[index["split"] == split]["class"].value_counts().reindex(classes, fill_value=0)
+        bars = count_ax.barh(positions + (i - 1) * height, counts.to_numpy(), height, label=split)
+        count_ax.bar_label(bars, fontsize=7, padding=2)
+    largest = index.groupby(["split", "class"]).size().max()
+    count_ax.set(yticks=positions, yticklabels=classes, xlabel="images", title="images per class and split",
+                 xlim=(0, largest * 1.4))  # room for the counts and the legend right of the longest bar
+    count_ax.invert_yaxis()
+    count_ax.legend(loc="upper right")
+    size_ax.scatter(index["width"], index["height"], s=8, alpha=0.4)
+    size_ax.set(xlabel="width (px)", ylabel="height (px)",
+                title=f"image sizes (median {int(index['width'].median())} x {int(index['height'].median())})")
+    size_ax.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def save_view_grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str], path: Path, heading: str) -> None:
+    """Rows of images (HxWx3, 0..1): the same picture in several views per row."""
+    columns = max(len(row) for row in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2 * columns, 2.1 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (views, title) in enumerate(zip(rows, row_titles)):
+        for c, view in enumerate(views):
+            axes[r, c].imshow(np.clip(view, 0, 1))
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
     figure.suptitle(heading)
     save_figure(figure, path)

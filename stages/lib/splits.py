@@ -83,7 +83,7 @@ def stratified_split(
 
 def assign_splits(images: list[Candidate], layout: str, params: IndexParams) -> list[str]:
     names = [im.class_name for im in images]
-    if layout == "flat":
+    if layout in ("flat", "train-only"):
         return stratified_split(names, params.split_ratios, SPLITS, params.seed)
     folder_splits = {im.folder_split for im in images}
     if "val" in folder_splits and "test" in folder_splits:
@@ -118,6 +118,15 @@ def build_index(images: list[Candidate], splits: list[str], classes: list[str], 
     return table.iloc[order].reset_index(drop=True)
 
 
+IMBALANCE_WARNING = 3.0  # largest class over smallest: above this, accuracy hides the small classes
+
+
+def imbalance_ratio(index: pd.DataFrame) -> float:
+    """Images of the largest class over images of the smallest, all splits together."""
+    sizes = index["class"].value_counts()
+    return round(float(sizes.max() / sizes.min()), 3)
+
+
 def data_summary(index: pd.DataFrame, classes: list[str], layout: str, skipped: list[dict]) -> dict:
     counts = {}
     for split in SPLITS:
@@ -127,7 +136,26 @@ def data_summary(index: pd.DataFrame, classes: list[str], layout: str, skipped: 
         "layout": layout,
         "classes": len(classes),
         "images": len(index),
+        "imbalance_ratio": imbalance_ratio(index),
         "counts": counts,
         "skipped": len(skipped),
         "skipped_files": sorted(skipped, key=lambda s: s["path"]),
     }
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a skip reason, without its particulars: 'duplicate of a.jpg' -> 'duplicate'."""
+    return reason.split(":")[0].split(" (")[0].split(" of ")[0]
+
+
+def skipped_summary(skipped: list[dict], examples: int = 3) -> list[str]:
+    """One line per kind of skipped file, commonest first: its count and the first few files."""
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for entry in sorted(skipped, key=lambda s: s["path"]):
+        by_kind[reason_kind(entry["reason"])].append(entry)
+    lines = []
+    for kind, entries in sorted(by_kind.items(), key=lambda item: (-len(item[1]), item[0])):
+        shown = "; ".join(f"{e['path']} ({e['reason']})" for e in entries[:examples])
+        more = f"; and {len(entries) - examples} more" if len(entries) > examples else ""
+        lines.append(f"{len(entries)} skipped, {kind}: {shown}{more}")
+    return lines

@@ -19,9 +19,10 @@ from stages.lib.backbones import Preprocessing
 from stages.lib.bookkeeping import Books, EpochResult
 from stages.lib.classifier import Classifier, build_classifier, head_config, make_head, prefixed, unprefixed
 from stages.lib.cli import UserError
-from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
+from stages.lib.data import (EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_classes,
+                             read_split, train_transform)
 from stages.lib.features import read_head_features
-from stages.lib.inference import feature_probabilities, loader_probabilities, loss_and_accuracy
+from stages.lib.inference import feature_probabilities, loader_probabilities, val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
 from stages.lib.params import Params
 from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
@@ -56,10 +57,37 @@ class Run:
     """What every epoch of one training run shares."""
     params: Params
     device: torch.device
-    criterion: nn.Module
+    class_weights: torch.Tensor | None = None  # train.class_weighting balanced: the loss's weight per class
     timing: Counter = field(default_factory=Counter)  # seconds: head, data, compute, validate
     rank: int = 0
     world_size: int = 1
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return nn.functional.cross_entropy(logits.float(), labels, weight=weight,
+                                           label_smoothing=self.params.train.label_smoothing)
+
+
+def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    return torch.bincount(labels, minlength=classes).double()
+
+
+def balanced_class_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """n / (classes * n_c) per class, as scikit-learn's class_weight="balanced": a class with
+    half the average count weighs twice as much."""
+    counts = class_counts(labels, classes)
+    return (len(labels) / (classes * counts.clamp_min(1))).float()
+
+
+def balanced_sample_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per item, 1 / its class's count: drawing by these, every class comes up equally often."""
+    return (1 / class_counts(labels, classes).clamp_min(1))[labels]
+
+
+def make_run(params: Params, device: torch.device, train_labels: torch.Tensor, classes: int, rank: int = 0,
+             world_size: int = 1) -> Run:
+    weights = balanced_class_weights(train_labels, classes) if params.train.class_weighting == "balanced" else None
+    return Run(params, device, weights, rank=rank, world_size=world_size)
 
 
 @dataclass
@@ -126,7 +154,7 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
         inputs, labels = to_device(inputs, device, channels_last), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(inputs)
-            loss = run.criterion(logits.float(), labels)
+            loss = run.loss(logits, labels)
         if not torch.isfinite(loss):
             raise UserError(f"epoch {epoch}: the loss became {loss.item()}; lower train.lr "
                             f"(the learning rate was {opt.lr():.3g})")
@@ -141,10 +169,15 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
     return total_loss / seen, correct / seen
 
 
-def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                     sample_weights: torch.Tensor | None = None):
     """One epoch of shuffled batches sliced from tensors in memory: a DataLoader would index and
-    collate every sample one by one, which costs more than the head's training itself."""
-    order = torch.randperm(len(labels), generator=generator)
+    collate every sample one by one, which costs more than the head's training itself. With
+    `sample_weights`, as many items drawn with replacement by those weights (class-balanced)."""
+    if sample_weights is None:
+        order = torch.randperm(len(labels), generator=generator)
+    else:
+        order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=generator)
     return [(inputs[i], labels[i]) for i in order.split(batch_size)]
 
 
@@ -156,6 +189,8 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
     generator = torch.Generator().manual_seed(p.seed)
+    classes = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+    sample_weights = balanced_sample_weights(labels, classes) if p.class_weighting == "sampler" else None
     optimizer = build_optimizer([{"params": head.parameters(), "lr": p.lr}], p)
     opt = Optimization(optimizer, build_scheduler(optimizer, p, math.ceil(len(labels) / p.head_batch_size), p.head_epochs))
     for i in range(p.head_epochs):
@@ -163,11 +198,11 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
         started = time.perf_counter()
         head.train()
         lr = opt.lr()
-        batches = shuffled_batches(inputs, labels, p.head_batch_size, generator)
+        batches = shuffled_batches(inputs, labels, p.head_batch_size, generator, sample_weights)
         train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
         probs = feature_probabilities(head, val, run.params.model.tta)
         run.timing["head"] += time.perf_counter() - started
-        yield EpochResult(epoch, "head", train_loss, train_acc, *loss_and_accuracy(probs, val["labels"]), lr), None
+        yield EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr), None
 
 
 def keep_batchnorm_statistics(module: nn.Module) -> None:
@@ -184,7 +219,11 @@ def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object
     train_set = ImageDataset(read_split("train"), train_transform(prep, run.params.augment), decode_size(prep, True), p.seed)
     val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
     # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
-    sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=run.rank, world_size=run.world_size)
+    weights = None
+    if p.class_weighting == "sampler":
+        weights = balanced_sample_weights(torch.tensor(train_set.labels), len(read_classes()))
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=run.rank, world_size=run.world_size,
+                           weights=weights)
     return (sampler, make_loader(train_set, p.batch_size, sampler, p.workers, pin, p.seed),
             make_loader(val_set, p.batch_size, None, p.workers, pin, p.seed))
 
@@ -236,7 +275,7 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
         run.timing["validate"] += time.perf_counter() - started
         state = {"epochs_done": i + 1, "optimizer": opt.optimizer.state_dict(),
                  "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
-        yield EpochResult(first_epoch + i, "network", train_loss, train_acc, *loss_and_accuracy(probs, labels), lr), state
+        yield EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr), state
 
 
 # --- the phases, with their records ----------------------------------------------------------
