@@ -92,8 +92,9 @@ def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
 def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
-    assert stages_run(first) == ["check_params", "download", "index", "weights", "features", "train", "evaluate",
-                                 "export_backbone", "export"]
+    assert stages_run(first) == ["check_params", "download", "index", "weights", "features", "leaks", "train",
+                                 "evaluate", "export_backbone", "export"]
+    assert json.loads((work / "metrics/leaks.json").read_text())["threshold"] == 0.8
     summary = json.loads((work / "metrics/data.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
     assert json.loads((work / "metrics/eval.json").read_text())["images"] == 6
@@ -125,8 +126,8 @@ def test_an_index_param_reruns_from_the_index_and_commits_compare(project_copy):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["index"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(output(["dvc", "repro"], work, env)) == ["check_params", "index", "features", "train", "evaluate",
-                                                                "export"]
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["check_params", "index", "features", "leaks", "train",
+                                                                "evaluate", "export"]
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "another seed"], work, env)

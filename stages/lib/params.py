@@ -89,6 +89,11 @@ class FeaturesParams(Strict):
     seed: int
 
 
+class LeaksParams(Strict):
+    threshold: Annotated[float, Field(gt=0, le=1)]
+    pictures: Annotated[int, Field(ge=1, le=64)]
+
+
 class TrainParams(Strict):
     epochs: Annotated[int, Field(ge=0)]
     head_epochs: Annotated[int, Field(ge=0)]
@@ -127,6 +132,7 @@ class Params(Strict):
     model: ModelParams
     augment: AugmentParams
     features: FeaturesParams
+    leaks: LeaksParams
     train: TrainParams
     evaluate: EvaluateParams
 

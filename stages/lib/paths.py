@@ -22,6 +22,10 @@ LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json and per-epoch plots
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
 TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
 
+LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicates across splits: their count
+LEAK_PAIRS_CSV = Path("metrics/leaks.csv")
+LEAK_PAIRS_PNG = Path("metrics/leaks/pairs.png")
+
 EVAL_JSON = Path("metrics/eval.json")
 PREDICTIONS_CSV = Path("metrics/predictions.csv")
 EVAL_DIR = Path("metrics/eval")

@@ -1,0 +1,56 @@
+"""Stage `leaks`: near-duplicate images across the train, val and test splits.
+
+Reads the cached features (no backbone runs here), writes every pair above `leaks.threshold` to
+metrics/leaks.csv (both paths and the similarity), their count to metrics/leaks.json, and the most
+similar pairs side by side to metrics/leaks/pairs.png (lib/leaks.py says how they are found). It
+reports; it does not move images: a user who finds real copies removes them from the data, or
+keeps them together with `index.group_by` once that exists.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from stages.lib.cli import run_stage
+from stages.lib.features import read_features
+from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.images import load_image
+from stages.lib.leaks import cross_split_pairs, leak_summary
+from stages.lib.params import load_params
+from stages.lib.paths import LEAK_PAIRS_CSV, LEAK_PAIRS_PNG, LEAKS_JSON, RAW_DIR
+from stages.lib.plots import save_view_grid
+
+log = logging.getLogger("leaks")
+
+
+def draw_pairs(pairs, count: int) -> None:
+    import numpy as np
+
+    shown = pairs.head(count)
+    rows = [[np.asarray(load_image(RAW_DIR / row.path_a, 256).resize((256, 256))) / 255,
+             np.asarray(load_image(RAW_DIR / row.path_b, 256).resize((256, 256))) / 255] for row in shown.itertuples()]
+    titles = [f"{row.similarity:.3f}: {row.split_a} {row.path_a}\n~ {row.split_b} {row.path_b}" for row in shown.itertuples()]
+    if not rows:
+        rows, titles = [[np.ones((8, 8, 3))]], ["no pair above the threshold"]
+    save_view_grid(rows, titles, LEAK_PAIRS_PNG, f"the {len(shown)} most similar of {len(pairs)} cross-split pairs")
+
+
+def main() -> None:
+    params = load_params().leaks
+    splits = {name: read_features(name) for name in ("train", "val", "test")}
+    pairs = cross_split_pairs(splits, params.threshold)
+    with atomic_path(LEAK_PAIRS_CSV) as tmp:
+        pairs.to_csv(tmp, index=False, lineterminator="\n")
+    summary = leak_summary(pairs, params.threshold)
+    write_json_atomic(LEAKS_JSON, summary)
+    draw_pairs(pairs, params.pictures)
+    if len(pairs):
+        log.warning("%d image pairs across splits look like near-duplicates (similarity >= %g), %d test images among "
+                    "them: the test score may be inflated; see %s and %s", len(pairs), params.threshold,
+                    summary["images_in_pairs"]["test"], LEAK_PAIRS_CSV, LEAK_PAIRS_PNG)
+    else:
+        log.info("no near-duplicates across splits (similarity >= %g)", params.threshold)
+
+
+if __name__ == "__main__":
+    run_stage(main)
