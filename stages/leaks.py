@@ -18,21 +18,26 @@ from stages.lib.images import load_image
 from stages.lib.leaks import cross_split_pairs, leak_summary
 from stages.lib.params import load_params
 from stages.lib.paths import LEAK_PAIRS_CSV, LEAK_PAIRS_PNG, LEAKS_JSON, RAW_DIR
-from stages.lib.plots import save_view_grid
+from stages.lib.plots import save_titled_arrays
 
 log = logging.getLogger("leaks")
 
 
-def draw_pairs(pairs, count: int) -> None:
+def side_by_side(path_a: str, path_b: str, size: int = 256):
+    """The two images of a pair as one array (HxWx3, 0..1), a white gap between them."""
     import numpy as np
 
+    halves = [np.asarray(load_image(RAW_DIR / path, size).resize((size, size))) / 255 for path in (path_a, path_b)]
+    return np.concatenate([halves[0], np.ones((size, size // 16, 3)), halves[1]], axis=1)
+
+
+def draw_pairs(pairs, count: int) -> None:
     shown = pairs.head(count)
-    rows = [[np.asarray(load_image(RAW_DIR / row.path_a, 256).resize((256, 256))) / 255,
-             np.asarray(load_image(RAW_DIR / row.path_b, 256).resize((256, 256))) / 255] for row in shown.itertuples()]
-    titles = [f"{row.similarity:.3f}: {row.split_a} {row.path_a}\n~ {row.split_b} {row.path_b}" for row in shown.itertuples()]
-    if not rows:
-        rows, titles = [[np.ones((8, 8, 3))]], ["no pair above the threshold"]
-    save_view_grid(rows, titles, LEAK_PAIRS_PNG, f"the {len(shown)} most similar of {len(pairs)} cross-split pairs")
+    images = [side_by_side(row.path_a, row.path_b) for row in shown.itertuples()]
+    titles = [f"{row.similarity:.3f}   {row.split_a}: {row.path_a}\n{row.split_b}: {row.path_b}"
+              for row in shown.itertuples()]
+    save_titled_arrays(images, titles, LEAK_PAIRS_PNG,
+                       f"the {len(shown)} most similar of {len(pairs)} cross-split pairs (leaks.threshold)")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import pytest
 import torch
 
 from stages import export, export_backbone
@@ -52,6 +53,7 @@ def check_exports_match_pytorch(root: Path, images: torch.Tensor | None = None) 
         np.testing.assert_allclose(scripted(images[:3]).numpy(), expected[:3], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # builds the real pretrained EfficientNet-Lite0
 def test_onnx_and_torchscript_match_pytorch_on_real_photos(tiny_project, caplog):
     # The real EfficientNet-Lite0 (TF-style "same" padding included), with a head trained briefly;
     # frozen, so the export joins the export_backbone stage's backbone with the head.

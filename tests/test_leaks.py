@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -49,6 +50,7 @@ def copies(path: Path) -> dict[str, Image.Image]:
             "cropped": original.crop((int(w * 0.06), int(h * 0.06), int(w * 0.94), int(h * 0.94)))}
 
 
+@pytest.mark.slow  # builds the real pretrained EfficientNet-Lite0
 def test_reencoded_resized_and_cropped_copies_are_found_distinct_photos_are_not(project, caplog):
     import yaml
 

@@ -110,3 +110,21 @@ def save_view_grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[st
         axes[r, 0].set_title(title, fontsize=8, loc="left")
     figure.suptitle(heading)
     save_figure(figure, path)
+
+
+def save_titled_arrays(images: Sequence[np.ndarray], titles: Sequence[str], path: Path, heading: str,
+                       columns: int = 2) -> None:
+    """Images (HxWx3, 0..1) in a grid, each with its own title; "none" when there are none."""
+    count = max(1, len(images))
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(np.clip(image, 0, 1))
+        ax.set_title(title, fontsize=7)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center", fontsize=14)
+    figure.suptitle(heading)
+    save_figure(figure, path)
