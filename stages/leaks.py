@@ -3,8 +3,8 @@
 Reads the cached features (no backbone runs here), writes every pair above `leaks.threshold` to
 metrics/leaks.csv (both paths and the similarity), their count to metrics/leaks.json, and the most
 similar pairs side by side to metrics/leaks/pairs.png (lib/leaks.py says how they are found). It
-reports; it does not move images: a user who finds real copies removes them from the data, or
-keeps them together with `index.group_by` once that exists.
+reports and changes nothing: a user who finds real copies removes them from the data or puts
+both in the same split.
 """
 
 from __future__ import annotations
