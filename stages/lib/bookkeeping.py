@@ -57,7 +57,6 @@ class Books:
     Under torchrun every process keeps the same books; only the first (with `live`) writes.
     `model` arguments are training.Model: the head, and the backbone or its pretrained state.
     """
-    log = log
 
     def __init__(self, params: Params, classes: list[str], prep: Preprocessing, pretrained_sha256: str,
                  timing: Counter, live=None, fingerprint: str = ""):

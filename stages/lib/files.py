@@ -7,10 +7,13 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from stages.lib.cli import UserError
 
 
 def current_umask() -> int:
@@ -30,9 +33,7 @@ def save_torch_atomic(target: Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def unwritable(target: Path, error: OSError):
-    from stages.lib.cli import UserError
-
+def unwritable(target: Path, error: OSError) -> UserError:
     return UserError(f"{target}: cannot write it in {target.parent}/ ({error.strerror or error}); "
                      "make that folder writable, or run where it is")
 
@@ -67,16 +68,12 @@ def write_output(target: Path, text: str) -> str:
     regular file or does not exist yet, written through if it is a device or a pipe
     (/dev/stdout), and the link itself stays. A folder is refused.
     """
-    import sys
-
     if str(target) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return "standard output"
     resolved = Path(os.path.realpath(target))
     if resolved.is_dir():
-        from stages.lib.cli import UserError
-
         raise UserError(f"{target}: is a folder; give a file name for the CSV, or - for standard output")
     if resolved.exists() and not resolved.is_file():
         with open(resolved, "w", encoding="utf-8") as stream:  # a device or a pipe: no rename possible

@@ -69,11 +69,3 @@ def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float,
     """Mean negative log-likelihood and accuracy of predicted probabilities."""
     loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item()
-
-
-def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
-    """Loss, accuracy and macro-F1 of an epoch on the val split: what picks the best epoch."""
-    from stages.lib.metrics import macro_f1
-
-    loss, accuracy = loss_and_accuracy(probs, labels)
-    return loss, accuracy, macro_f1(labels.numpy(), probs.argmax(1).numpy(), probs.shape[1])

@@ -34,6 +34,12 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> float:
     return float(ratio(2 * right, confusion.sum(1) + confusion.sum(0)).mean())
 
 
+def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """Loss, accuracy and macro-F1 of an epoch on the val split: what picks the best epoch."""
+    loss, accuracy = loss_and_accuracy(probs, labels)
+    return loss, accuracy, macro_f1(labels.numpy(), probs.argmax(1).numpy(), probs.shape[1])
+
+
 def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     loss, _ = loss_and_accuracy(probs, labels)
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()

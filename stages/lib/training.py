@@ -6,6 +6,7 @@ of the whole network on images.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -19,13 +20,15 @@ from stages.lib.backbones import Preprocessing
 from stages.lib.bookkeeping import Books, EpochResult
 from stages.lib.classifier import Classifier, build_classifier, head_config, make_head, prefixed, unprefixed
 from stages.lib.cli import UserError
-from stages.lib.data import (EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_classes,
-                             read_split, train_transform)
+from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
 from stages.lib.features import read_head_features
-from stages.lib.inference import feature_probabilities, loader_probabilities, val_scores
+from stages.lib.inference import feature_probabilities, loader_probabilities
+from stages.lib.metrics import val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
 from stages.lib.params import Params
 from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
+
+log = logging.getLogger("train")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Run:
     """What every epoch of one training run shares."""
     params: Params
     device: torch.device
+    classes: int
     class_weights: torch.Tensor | None = None  # train.class_weighting balanced: the loss's weight per class
     timing: Counter = field(default_factory=Counter)  # seconds: head, data, compute, validate
     rank: int = 0
@@ -87,7 +91,7 @@ def balanced_sample_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
 def make_run(params: Params, device: torch.device, train_labels: torch.Tensor, classes: int, rank: int = 0,
              world_size: int = 1) -> Run:
     weights = balanced_class_weights(train_labels, classes) if params.train.class_weighting == "balanced" else None
-    return Run(params, device, weights, rank=rank, world_size=world_size)
+    return Run(params, device, classes, weights, rank=rank, world_size=world_size)
 
 
 @dataclass
@@ -189,8 +193,7 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
     generator = torch.Generator().manual_seed(p.seed)
-    classes = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
-    sample_weights = balanced_sample_weights(labels, classes) if p.class_weighting == "sampler" else None
+    sample_weights = balanced_sample_weights(labels, run.classes) if p.class_weighting == "sampler" else None
     optimizer = build_optimizer([{"params": head.parameters(), "lr": p.lr}], p)
     opt = Optimization(optimizer, build_scheduler(optimizer, p, math.ceil(len(labels) / p.head_batch_size), p.head_epochs))
     for i in range(p.head_epochs):
@@ -221,7 +224,7 @@ def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object
     # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
     weights = None
     if p.class_weighting == "sampler":
-        weights = balanced_sample_weights(torch.tensor(train_set.labels), len(read_classes()))
+        weights = balanced_sample_weights(torch.tensor(train_set.labels), run.classes)
     sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=run.rank, world_size=run.world_size,
                            weights=weights)
     return (sampler, make_loader(train_set, p.batch_size, sampler, p.workers, pin, p.seed),
@@ -293,7 +296,7 @@ def follow(epochs, books: Books, model: Model, patience: int) -> None:
             books.save_resume_state(model, network=state)
         stale = 0 if result is books.best else stale + 1
         if patience and stale >= patience:
-            books.log.info("no better val score for %d epochs: stopping this phase early", stale)
+            log.info("no better val score for %d epochs: stopping this phase early", stale)
             return
 
 
