@@ -1,6 +1,6 @@
 """After `make run` in CI: did the pipeline reproduce what is committed?
 
-The params check and the data stages (download, index, weights) must reproduce byte for byte: their dvc.lock entries and
+The params check and the data stages (source, download, index, weights) must reproduce byte for byte: their dvc.lock entries and
 metrics/data.json equal the committed ones. The model is trained with floating-point kernels
 that differ between CPUs in the last bits, so its test accuracy is checked against a floor and
 a tolerance instead (README, CI).
@@ -14,7 +14,7 @@ import sys
 
 import yaml
 
-EXACT_STAGES = ("check_params", "download", "index", "weights")
+EXACT_STAGES = ("check_params", "source", "download", "index", "weights")
 ACCURACY_FLOOR = 0.93
 ACCURACY_TOLERANCE = 0.02  # three of the 153 test images
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("check_params", "download", "index", "weights", "features", "leaks", "train", "evaluate",
+STAGES = ("check_params", "source", "download", "index", "weights", "features", "leaks", "train", "evaluate",
           "export_backbone", "export")
 PROJECT_VENV_PYTHON = Path(".venv/bin/python")
 REEXEC_MARK = "DVC_TRANSFER_REEXEC"  # set once re-run under the venv, so it happens at most once

@@ -1,10 +1,12 @@
-"""Stage `download`: fetch the image archive named by `data.url` and unpack it into data/raw/.
+"""Stage `download`: bring what `data.url` names into data/raw/: a folder of images, or an archive.
 
-Before the network it looks for the archive's file name on the project's shelf (data/archives/)
-and then in $DATA_MIRROR, so the default pipeline runs offline (lib/fetch.py). The archive is
-verified against `data.sha256` when pinned, and unpacked member by member with guards against
-path traversal, escaping links and archive bombs (lib/archives.py), into a temporary directory
-that is renamed into place.
+A local folder is brought in file by file, as hard links where the filesystem allows (no bytes
+copied) and as copies elsewhere (lib/sources.py). An archive is looked for by its file name on
+the project's shelf (data/archives/) and then in $DATA_MIRROR before the network, so the default
+pipeline runs offline (lib/fetch.py); it is verified against `data.sha256` when pinned, and
+unpacked member by member with guards against path traversal, escaping links and archive bombs
+(lib/archives.py). Either way archives found inside are unpacked one level deep, and the result
+is built in a temporary directory that is renamed into place.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ from stages.lib.fetch import archive_name, obtain_archive, verify_pin
 from stages.lib.files import atomic_dir
 from stages.lib.params import load_params
 from stages.lib.paths import RAW_DIR
+from stages.lib.sources import bring_folder, check_pin_applies, local_source
 
 log = logging.getLogger("download")
 
 
 def main() -> None:
     params = load_params().data
+    caps = int(params.max_unpacked_mb * 2**20), params.max_members
     RAW_DIR.parent.mkdir(parents=True, exist_ok=True)
+    source = local_source(params.url)
+    if source is not None and source.is_dir():
+        check_pin_applies(params.url, params.sha256)
+        with atomic_dir(RAW_DIR) as tmp:
+            linked, copied = bring_folder(source, tmp, *caps)
+            inner = unpack_inner_archives(tmp, *caps)
+        log.info("brought %d files from %s into %s: %d as hard links (no bytes copied), %d copied%s",
+                 linked + copied, source, RAW_DIR, linked, copied,
+                 f"; {inner} files unpacked from archives inside it" if inner else "")
+        return
     with tempfile.TemporaryDirectory(prefix=".download.", dir=RAW_DIR.parent) as workdir:
         archive = obtain_archive(params, Path(workdir))
         verify_pin(archive, params.sha256)
-        caps = int(params.max_unpacked_mb * 2**20), params.max_members
         with atomic_dir(RAW_DIR) as tmp:
             files = unpack(archive, tmp, archive_name(params.url), *caps)
             files += unpack_inner_archives(tmp, *caps)

@@ -1,6 +1,7 @@
 """Stage `index`: turn the unpacked folders in data/raw/ into a shuffled CSV index with a split.
 
-Two layouts are understood, wherever the archive's top folder is (lib/layouts.py). Every image is
+Class folders are found in two layouts (split folders or not), wherever they are under data/raw/
+(lib/layouts.py); or the labels come from a CSV (`index.labels`, lib/labels.py). Every image is
 decoded fully and hashed (lib/images.py); unusable files, exact duplicates and label conflicts
 are left out and listed in metrics/data.json with their reason; the split is seeded and
 stratified (lib/splits.py).
@@ -13,6 +14,7 @@ import os
 
 from stages.lib.cli import UserError, run_stage
 from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.labels import list_labelled_images
 from stages.lib.layouts import SPLITS, list_images
 from stages.lib.params import load_params
 from stages.lib.paths import CLASSES_JSON, DATA_METRICS, DATASET_PNG, INDEX_CSV, RAW_DIR
@@ -40,7 +42,10 @@ def main() -> None:
     params = load_params().index
     if not RAW_DIR.is_dir():
         raise UserError(f"{RAW_DIR}: not found; run the download stage first (dvc repro)")
-    layout, classes, candidates, skipped = list_images(RAW_DIR)
+    if params.labels:
+        layout, classes, candidates, skipped, unlisted = list_labelled_images(RAW_DIR, params)
+    else:
+        (layout, classes, candidates, skipped), unlisted = list_images(RAW_DIR), None
     workers = params.workers or os.cpu_count() or 1
     valid, invalid = validate(candidates, RAW_DIR, params.max_pixels, workers)
     images, duplicates = drop_duplicates(valid)
@@ -48,13 +53,15 @@ def main() -> None:
     empty = sorted(set(classes) - {im.class_name for im in images})
     if empty:
         raise UserError(f"class folder '{empty[0]}' has no usable images; add images or remove the folder")
-    splits = assign_splits(images, layout, params)
+    splits = assign_splits(images, params)
     index = build_index(images, splits, classes, params.seed)
 
     with atomic_path(INDEX_CSV) as tmp:
         index.to_csv(tmp, index=False, lineterminator="\n")
     write_json_atomic(CLASSES_JSON, classes)
     summary = data_summary(index, classes, layout, skipped)
+    if unlisted is not None:
+        summary["not_in_labels"] = unlisted  # images under data/raw/ the CSV does not list: ignored
     write_json_atomic(DATA_METRICS, summary)
     save_dataset_overview(index, classes, DATASET_PNG)
     log_warnings(index, summary, skipped)

@@ -326,3 +326,101 @@ def test_an_inner_archive_escaping_the_folder_is_refused(project, tmp_path):
     with pytest.raises(UserError, match=r"archive member '../../outside.txt' contains '..'"):
         run_download(project, url=str(zip_tree(outer, tmp_path / "download.zip")), sha256=None)
     assert not (project().parent / "outside.txt").exists()
+
+
+# --- a local folder as the source ------------------------------------------------------------
+
+
+def test_a_folder_is_brought_in_as_hard_links_with_its_inner_archives(project, tmp_path, caplog):
+    photos = tmp_path / "my_photos"
+    make_image_tree(photos, {"cat": 2, "dog": 2})
+    make_image_tree(tmp_path / "more", {"bird": 2}, start=10)
+    zip_tree(tmp_path / "more", photos / "birds.zip")
+    caplog.set_level("INFO")
+    root = run_download(project, url="my_photos")  # relative to the project
+    assert unpacked(root) == ["birds/bird/img_0010.png", "birds/bird/img_0011.png", "cat/img_0000.png",
+                              "cat/img_0001.png", "dog/img_0002.png", "dog/img_0003.png"]
+    original, brought = photos / "cat/img_0000.png", root / "data/raw/cat/img_0000.png"
+    assert brought.stat().st_ino == original.stat().st_ino  # a hard link: no bytes copied
+    assert (photos / "birds.zip").is_file()  # the user's inner archive stays where it was
+    assert "5 as hard links (no bytes copied), 0 copied; 2 files unpacked from archives inside it" in caplog.text
+    assert leftovers(root) == []
+
+
+def test_a_folder_on_another_filesystem_is_copied(project, tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+
+    make_image_tree(tmp_path / "photos", {"cat": 1, "dog": 1})
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    caplog.set_level("INFO")
+    root = run_download(project, url=str(tmp_path / "photos"))
+    assert (root / "data/raw/cat/img_0000.png").read_bytes() == (tmp_path / "photos/cat/img_0000.png").read_bytes()
+    assert (root / "data/raw/cat/img_0000.png").stat().st_ino != (tmp_path / "photos/cat/img_0000.png").stat().st_ino
+    assert "0 as hard links (no bytes copied), 2 copied" in caplog.text
+
+
+def test_a_folder_follows_the_archive_rules(project, tmp_path):
+    import os
+
+    photos = tmp_path / "photos"
+    make_image_tree(photos, {"cat": 3, "dog": 3})
+    os.symlink(photos / "cat/img_0000.png", photos / "dog/inside.png")
+    root = run_download(project, url=str(photos))
+    assert "dog/inside.png" not in unpacked(root)  # a link inside the folder is not followed
+    (tmp_path / "secret.txt").write_text("x")
+    os.symlink(tmp_path / "secret.txt", photos / "cat/outside.png")
+    with pytest.raises(UserError, match=r"photos: cat/outside.png is a link to .*secret.txt, outside the folder"):
+        run_download(project, url=str(photos))
+    os.remove(photos / "cat/outside.png")
+    with pytest.raises(UserError, match=r"photos: more than 5 files \(at dog/img_0005.png\); raise data.max_members"):
+        run_download(project, url=str(photos), max_members=5)
+    with pytest.raises(UserError, match=r"takes the size past data.max_unpacked_mb"):
+        run_download(project, url=str(photos), max_unpacked_mb=0.0001)
+    assert len(unpacked(root)) == 6 and leftovers(root) == []  # the failed runs left the earlier result alone
+
+
+def test_a_folder_cannot_be_pinned_nor_overlap_the_project_data(project, tmp_path):
+    from stages import source
+
+    make_image_tree(tmp_path / "photos", {"cat": 1, "dog": 1})
+    project(data={"url": str(tmp_path / "photos")})  # the default sha256 pin stays
+    with pytest.raises(UserError, match=r"^params.yaml: data.sha256 pins an archive, but data.url .*photos is a "
+                                        r"folder; set data.sha256 to null$"):
+        source.main()
+    for url in (".", "data", "data/raw/x"):
+        (tmp_path / "data/raw/x").mkdir(parents=True, exist_ok=True)
+        project(data={"url": url, "sha256": None})
+        with pytest.raises(UserError, match=r"overlaps the project's data/ folder; point it at your images folder"):
+            source.main()
+
+
+def test_the_source_fingerprint_changes_with_the_folder_content_only(project, tmp_path):
+    import os
+
+    from stages import source
+
+    photos = tmp_path / "photos"
+    make_image_tree(photos, {"cat": 2, "dog": 2})
+    root = project(data={"url": str(photos), "sha256": None})
+
+    def fingerprint() -> str:
+        source.main()
+        return (root / "data/source.json").read_text()
+
+    first = fingerprint()
+    assert json.loads(first)["entries"] == 4 and fingerprint() == first
+    make_image_tree(photos, {"cat": 1}, start=20)  # a photo added
+    added = fingerprint()
+    assert added != first
+    os.utime(photos / "cat/img_0000.png", ns=(1, 1))  # a photo edited
+    assert fingerprint() != added
+    (photos / "dog/img_0002.png").rename(photos / "dog/renamed.png")
+    assert fingerprint() not in (first, added)
+    # An archive's fingerprint needs no network: the URL and its pin say what it is.
+    project(data={"url": "https://example.invalid/x.zip"})
+    assert json.loads(fingerprint()) == {"kind": "url", "url": "https://example.invalid/x.zip"}

@@ -57,7 +57,7 @@ def test_every_stage_runs_through_python_m_stages():
     assert {name: stage["cmd"] for name, stage in PIPELINE.items()} == {
         name: f"python -m stages {name}" for name in STAGES}
     result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {check_params,download,")
+    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {check_params,source,download,")
 
 
 # --- each stage reads exactly the params it declares -------------------------------------------

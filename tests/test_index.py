@@ -318,3 +318,159 @@ def test_split_folders_without_a_train_folder_are_named(project):
     make_image_tree(root / "data/raw/test", {"cat": 3, "dog": 3}, start=50)
     with pytest.raises(UserError, match=r"found split folders \['test', 'val'\] but no train folder; add one"):
         index.main()
+
+
+def test_split_folders_deeper_than_a_side_folder_are_found(project, caplog):
+    root = project()
+    (root / "data/raw/docs").mkdir(parents=True)
+    (root / "data/raw/docs/README.txt").write_text("about the data")
+    make_image_tree(root / "data/raw/dataset/images/train", {"cat": 8, "dog": 8})
+    make_image_tree(root / "data/raw/dataset/images/test", {"cat": 3, "dog": 3}, start=50)
+    caplog.set_level("INFO")
+    table, summary = run_index(root)
+    assert "found the split folders in dataset/images/" in caplog.text
+    assert summary["layout"] == "predefined" and summary["classes"] == 2
+    assert table.groupby("split").size().to_dict() == {"test": 6, "train": 12, "val": 4}
+
+
+def test_class_folders_may_hold_folders_of_their_own(project):
+    root = project()
+    make_image_tree(root / "data/raw/photos/cat/2019", {"": 6})
+    make_image_tree(root / "data/raw/photos/dog/holiday", {"": 6}, start=20)
+    make_image_tree(root / "data/raw/photos/dog", {"": 1}, start=40)
+    table, summary = run_index(root)
+    assert summary["layout"] == "flat" and sorted(table["class"].unique()) == ["cat", "dog"]
+    assert len(table) == 13
+
+
+def test_ambiguous_layouts_list_what_was_found(project):
+    root = project()
+    make_image_tree(root / "data/raw/batch1", {"cat": 4, "dog": 4})
+    make_image_tree(root / "data/raw/batch2", {"cat": 4, "dog": 4}, start=20)
+    with pytest.raises(UserError, match=r"^\./: the folders batch1, batch2 each hold the folders cat, dog, so the "
+                                        r"classes could be either; if the first are splits, name them train, val and "
+                                        r"test"):
+        index.main()
+    make_image_tree(root / "data/raw/masks/train", {"cat": 4, "dog": 4}, start=40)
+    make_image_tree(root / "data/raw/images/train", {"cat": 4, "dog": 4}, start=60)
+    with pytest.raises(UserError, match=r"split folders in several places: images/, masks/; point data.url at one"):
+        index.main()
+
+
+# --- labels from a CSV ------------------------------------------------------------------------
+
+
+def write_labelled_images(root: Path, rows: list[tuple[str, str]], header="filename,label", extra=None) -> None:
+    """images/NAME.png for each (name, label), and labels.csv listing them with `header`."""
+    lines = [header]
+    for i, (name, label) in enumerate(rows):
+        write_image(root / "data/raw/kaggle/images" / f"{name}.png", color=distinct_color(i), fmt="PNG")
+        lines.append(",".join([f"images/{name}.png", label] + ([extra(i)] if extra else [])))
+    (root / "data/raw/kaggle/labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_labels_from_a_csv_with_detected_columns(project, caplog):
+    root = project(index={"labels": "labels.csv"})
+    write_labelled_images(root, [(f"im{i:02d}", "cat" if i % 2 else "dog") for i in range(20)])
+    write_image(root / "data/raw/kaggle/images/unlisted.png", color=(1, 2, 3), fmt="PNG")
+    with (root / "data/raw/kaggle/labels.csv").open("a") as csv:
+        csv.write("images/missing.png,cat\nimages/im00.png,dog\nimages/im01.png,dog\n")
+    caplog.set_level("INFO")
+    table, summary = run_index(root)
+    assert "labels from kaggle/labels.csv: paths in 'filename', labels in 'label'" in caplog.text
+    assert summary["layout"] == "csv" and summary["classes"] == 2 and summary["not_in_labels"] == 1
+    assert "1 images under data/raw/ are not in labels.csv and were left out" in caplog.text
+    assert table.groupby("split").size().to_dict() == {"test": 4, "train": 11, "val": 4}  # im01 left out
+    reasons = skipped_reasons(summary)
+    assert reasons["images/missing.png"] == "listed in labels.csv (row 22) but not found"
+    assert reasons["kaggle/images/im00.png"] == "listed again in labels.csv (row 23)"
+    assert reasons["kaggle/images/im01.png"] == "label conflict: labels.csv gives it the labels ['cat', 'dog']"
+    assert set(table["path"]) <= {f"kaggle/images/im{i:02d}.png" for i in range(20)}
+
+
+def test_a_csv_split_column_and_named_columns(project):
+    split = lambda i: ["train", "training", "Valid", "test"][i % 4]  # noqa: E731
+    root = project(index={"labels": "kaggle/labels.csv", "path_column": "file", "label_column": "species"})
+    write_labelled_images(root, [(f"im{i:02d}", "cat" if i < 12 else "dog") for i in range(24)],
+                          header="file,species,subset", extra=split)
+    table, summary = run_index(root)
+    assert summary["layout"] == "csv with splits"
+    expected = {f"kaggle/images/im{i:02d}.png": {"training": "train", "Valid": "val"}.get(split(i), split(i))
+                for i in range(24)}
+    assert dict(zip(table["path"], table["split"])) == expected
+
+
+def test_a_csv_of_bare_ids_and_a_semicolon_separator(project):
+    root = project(index={"labels": "labels.csv"})
+    write_labelled_images(root, [(f"id{i}", "ab"[i % 2]) for i in range(10)])
+    ids = ["image_id;target"] + [f"id{i};{'ab'[i % 2]}" for i in range(10)]
+    (root / "data/raw/kaggle/labels.csv").write_text("\n".join(ids) + "\n")
+    table, summary = run_index(root)
+    assert len(table) == 10 and summary["skipped"] == 0
+
+
+@pytest.mark.parametrize("params, csv_text, message", [
+    ({"labels": "nope.csv"}, "filename,label\n", r"index.labels: no file named nope.csv under data/raw/ \(CSV files "
+                                                  r"there: kaggle/labels.csv\); fix index.labels"),
+    ({"labels": "labels.csv"}, "filename,class,label\nimages/im0.png,a,a\n", r"columns class, label could each be the "
+                                                                             r"label; set index.label_column"),
+    ({"labels": "labels.csv", "label_column": "kind"}, "filename,label\n", r"index.label_column: labels.csv has no "
+                                                                           r"column 'kind' \(its columns: filename, label\)"),
+    ({"labels": "labels.csv"}, "filename,label,split\nimages/im0.png,a,holdout\n", r"row 2: split 'holdout' is not "
+                                                                                   r"train, val or test"),
+    ({"labels": "labels.csv"}, "a,b,c\nimages/im0.png,x,y\n", r"cannot tell which column holds the labels \(columns: "
+                                                              r"a, b, c\); set index.label_column"),
+])
+def test_csv_problems_are_one_line_naming_the_fix(project, params, csv_text, message):
+    root = project(index=params)
+    write_labelled_images(root, [("im0", "a"), ("im1", "b")])
+    (root / "data/raw/kaggle/labels.csv").write_text(csv_text)
+    with pytest.raises(UserError, match=message):
+        index.main()
+
+
+# --- groups kept in one split -------------------------------------------------------------------
+
+
+def test_group_by_keeps_each_group_in_one_split_stratified_as_far_as_groups_allow(project):
+    root = project(index={"group_by": r"patient(\d+)_"})
+    for patient in range(30):
+        label = "sick" if patient % 3 == 0 else "well"
+        for shot in range(1 + patient % 4):
+            write_image(root / f"data/raw/{label}/patient{patient}_{shot}.png",
+                        color=distinct_color(patient * 10 + shot), fmt="PNG")
+    table, _ = run_index(root)
+    table["patient"] = table["path"].str.extract(r"patient(\d+)_")[0]
+    assert (table.groupby("patient")["split"].nunique() == 1).all()
+    shares = table.groupby("split").size() / len(table)
+    assert shares.round(1).to_dict() == {"test": 0.2, "train": 0.6, "val": 0.2}
+    assert set(table.loc[table["split"] == "test", "class"]) == {"sick", "well"}
+    # Without groups, the same patient lands in several splits.
+    root = project(index={"group_by": None})
+    table, _ = run_index(root)
+    table["patient"] = table["path"].str.extract(r"patient(\d+)_")[0]
+    assert (table.groupby("patient")["split"].nunique() > 1).any()
+
+
+def test_group_by_carves_val_from_train_by_groups_and_names_a_pattern_too_coarse(project, caplog):
+    root = project(index={"group_by": r"^[^/]+/[^/]+/(\w)"})
+    make_image_tree(root / "data/raw/train", {"cat": 12, "dog": 12})
+    make_image_tree(root / "data/raw/test", {"cat": 3, "dog": 3}, start=50)
+    with pytest.raises(UserError, match=r"index.group_by makes 1 group\(s\) of these images, too few to fill the val "
+                                        r"split; use a pattern that makes more"):
+        run_index(root)  # every name starts with 'i': one group
+    assert "1 groups of index.group_by have images in more than one of the given split folders" in caplog.text
+    root = project(index={"group_by": r"img_(\d{3})"})  # ten images a group
+    table, _ = run_index(root)
+    trained = table[table["split"].isin(["train", "val"])].copy()
+    trained["group"] = trained["path"].str.extract(r"img_(\d{3})")[0]
+    assert (trained.groupby("group")["split"].nunique() == 1).all() and set(trained["split"]) == {"train", "val"}
+    assert (table.loc[table["path"].str.startswith("test/"), "split"] == "test").all()
+
+
+def test_an_invalid_group_pattern_is_a_param_error(project):
+    from stages.lib.params import load_params
+
+    project(index={"group_by": "patient(("})
+    with pytest.raises(UserError, match=r"index.group_by: Value error, not a valid regular expression"):
+        load_params()

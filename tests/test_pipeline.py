@@ -35,6 +35,10 @@ def output(args: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
+# The source stage always runs (it fingerprints a local data folder), so DVC calls it changed.
+UP_TO_DATE = {"source": ["always changed"]}
+
+
 def stages_run(text: str) -> list[str]:
     return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
 
@@ -92,15 +96,15 @@ def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
 def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
-    assert stages_run(first) == ["check_params", "download", "index", "weights", "features", "leaks", "train",
-                                 "evaluate", "export_backbone", "export"]
+    assert stages_run(first) == ["check_params", "source", "download", "index", "weights", "features", "leaks",
+                                 "train", "evaluate", "export_backbone", "export"]
     assert json.loads((work / "metrics/leaks.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/data.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
     assert json.loads((work / "metrics/eval.json").read_text())["images"] == 6
-    assert json.loads(output(["dvc", "status", "--json"], work, env)) == {}
+    assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
     again = output(["dvc", "repro"], work, env)
-    assert stages_run(again) == [] and "didn't change, skipping" in again
+    assert stages_run(again) == ["source"] and "didn't change, skipping" in again
 
 
 def test_experiments_rerun_only_what_their_params_reach(project_copy):
@@ -108,11 +112,11 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     # A train param reruns train and what follows; a frozen model reuses the features and the
     # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
     experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check_params", "train", "evaluate", "export"]
+    assert stages_run(experiment) == ["check_params", "source", "train", "evaluate", "export"]
     assert "cached test features" in experiment and "joining its export" in experiment
     # A speed setting of evaluate does not retrain.
     experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
-    assert stages_run(experiment) == ["check_params", "evaluate"]
+    assert stages_run(experiment) == ["check_params", "source", "evaluate"]
     shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     header, *rows = shown.strip().splitlines()
     assert "strategy" in header and "accuracy" in header
@@ -120,18 +124,29 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     assert any("try-lr" in row and "0.003" in row for row in rows)
 
 
-def test_an_index_param_reruns_from_the_index_and_commits_compare(project_copy):
+def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_compare(project_copy, reproduced):
     work, env = project_copy
+    folder = work.parent / "my_photos"
+    shutil.copytree(reproduced[0].parent / "source", folder)  # the archive's content, as a folder
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["index"]["seed"] = 1
+    params["data"]["url"] = str(folder)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(output(["dvc", "repro"], work, env)) == ["check_params", "index", "features", "leaks", "train",
-                                                                "evaluate", "export"]
+    # The same files as the archive held: download reruns, and DVC sees data/raw unchanged.
+    repro = output(["dvc", "repro"], work, env)
+    assert stages_run(repro) == ["check_params", "source", "download"] and "as hard links" in repro
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "a folder source"], work, env)
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["source"]
+    # A photo added to the folder reruns download and everything after it.
+    write_gradient_image(folder / "tiny_data/train/ants/new.png", (120, 200, 30))
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["source", "download", "index", "features", "leaks",
+                                                               "train", "evaluate", "export"]
+    assert json.loads((work / "metrics/data.json").read_text())["images"] == 23
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", "another seed"], work, env)
+    run(["git", "commit", "-qm", "one more photo"], work, env)
     diff = json.loads(output(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], work, env))
-    assert diff["metrics/train/metrics.json"]["train.loss"]["diff"] != 0
+    assert diff["metrics/data.json"]["images"]["diff"] == 1
 
 
 def tracked_files(root: Path) -> dict[str, str]:
@@ -197,8 +212,8 @@ def test_bad_params_stop_the_run_before_any_output_is_removed(project_copy):
            {k: v for k, v in before.items() if not k.startswith("data/params/")}
     # Fixed again: nothing but the gate may rerun, and the pipeline is up to date.
     (work / "params.yaml").write_text(good_text)
-    assert stages_run(output(["dvc", "repro"], work, env)) in ([], ["check_params"])
-    assert json.loads(output(["dvc", "status", "--json"], work, env)) == {}
+    assert stages_run(output(["dvc", "repro"], work, env)) in (["source"], ["check_params", "source"])
+    assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
 
 
 def test_dvc_from_the_venv_without_activating_it(project_copy, tmp_path):
@@ -257,4 +272,4 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt",
                  "data/params/train.json"):
         assert (clone / path).exists(), path
-    assert stages_run(output(["dvc", "repro"], clone, env)) == []
+    assert stages_run(output(["dvc", "repro"], clone, env)) == ["source"]

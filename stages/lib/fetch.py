@@ -20,6 +20,7 @@ from stages.lib.cli import UserError
 from stages.lib.files import file_sha256
 from stages.lib.params import DataParams
 from stages.lib.paths import SHELF_DIR
+from stages.lib.sources import local_source
 
 log = logging.getLogger("download")
 
@@ -32,22 +33,6 @@ def archive_name(url: str) -> str:
     if not name:
         raise UserError(f"params.yaml: data.url {url!r} names no file; point it at a .zip, .tar, .tar.gz or .tgz")
     return name
-
-
-def local_source(url: str) -> Path | None:
-    """The file a `file://` URL or a plain path names; None for http(s)."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("http", "https"):
-        return None
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
-        path = Path(url).expanduser()
-    else:
-        raise UserError(f"params.yaml: data.url {url!r}: scheme '{parsed.scheme}' is not supported; use http(s)://, file:// or a local path")
-    if not path.is_file():
-        raise UserError(f"params.yaml: data.url: {path} does not exist; fix the path")
-    return path
 
 
 def offline_copy(name: str) -> Path | None:

@@ -109,10 +109,45 @@ def no_classes_error(root: Path, raw: Path) -> UserError:
     return UserError(f"{root}: no class folders found; put each class's images in a folder named after the class")
 
 
+def folders_with_split_folders(root: Path, depth: int = 4) -> list[Path]:
+    """Folders under `root` (not `root` itself) that hold a train folder beside val or test."""
+    found, level = [], [root]
+    for _ in range(depth):
+        level = [d for folder in level for d in visible_children(folder)[0]]
+        found += [d for d in level if "train" in split_folders(d)]
+    return found
+
+
+def check_unambiguous(root: Path, raw: Path) -> None:
+    """Class folders that only hold folders, the same ones each: the classes could be either level."""
+    classes = class_folders(root)
+    inner = {name: frozenset(class_folders(folder)) for name, folder in classes.items()
+             if not any(map(is_image_name, visible_children(folder)[1]))}
+    names = set(inner.values())
+    if len(classes) >= 2 and len(inner) == len(classes) and len(names) == 1 and len(next(iter(names))) >= 2:
+        where = root.relative_to(raw).as_posix()
+        raise UserError(
+            f"{where}/: the folders {', '.join(sorted(classes))} each hold the folders {', '.join(sorted(next(iter(names))))}, "
+            "so the classes could be either; if the first are splits, name them train, val and test; if they are "
+            "groups, name the classes' folders at the top, or list the files in a CSV (index.labels)"
+        )
+
+
 def find_layout(raw: Path) -> tuple[str, Path, dict[str, Path]]:
     """(layout, the folder holding the classes or split folders, the split folders)."""
     root = find_dataset_root(raw)
     splits = split_folders(root)
+    if not splits:
+        deeper = folders_with_split_folders(root)
+        if len(deeper) > 1:
+            raise UserError(f"{root}: split folders in several places: "
+                            f"{', '.join(d.relative_to(raw).as_posix() + '/' for d in deeper)}; "
+                            "point data.url at one of them, or remove the others")
+        if deeper:
+            log.info("found the split folders in %s/", deeper[0].relative_to(raw).as_posix())
+            root, splits = deeper[0], split_folders(deeper[0])
+        else:
+            check_unambiguous(root, raw)
     if splits and "train" not in splits:
         raise UserError(
             f"{root}: found split folders {sorted(p.name for p in splits.values())} but no train folder; add one, "

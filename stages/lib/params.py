@@ -8,6 +8,7 @@ that names the key and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -50,6 +51,21 @@ class IndexParams(Strict):
     split_ratios: tuple[Fraction, Fraction, Fraction]
     max_pixels: Annotated[int, Field(ge=1)]
     workers: Annotated[int, Field(ge=0)]
+    labels: Optional[str] = Field(min_length=1)
+    path_column: Optional[str] = Field(min_length=1)
+    label_column: Optional[str] = Field(min_length=1)
+    split_column: Optional[str] = Field(min_length=1)
+    group_by: Optional[str] = Field(min_length=1)
+
+    @field_validator("group_by")
+    @classmethod
+    def compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return pattern
 
     @field_validator("split_ratios")
     @classmethod

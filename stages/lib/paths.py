@@ -5,6 +5,7 @@ from pathlib import Path
 PARAMS_FILE = Path("params.yaml")
 STAGE_PARAMS_DIR = Path("data/params")  # check_params: each key's value, once params.yaml is valid
 
+SOURCE_JSON = Path("data/source.json")  # source: a fingerprint of what data.url names, for DVC to watch
 SHELF_DIR = Path("data/archives")  # archives the project ships, found before the network
 RAW_DIR = Path("data/raw")
 INDEX_CSV = Path("data/index.csv")

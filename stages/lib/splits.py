@@ -3,7 +3,9 @@ shuffled table written to data/index.csv, and the summary in metrics/data.json."
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,8 @@ from stages.lib.cli import UserError
 from stages.lib.images import inspect_files
 from stages.lib.layouts import SPLITS, Candidate
 from stages.lib.params import IndexParams
+
+log = logging.getLogger("index")
 
 # When duplicates straddle split folders, keep the copy that is most held out, so the
 # archive's evaluation images stay exactly as published.
@@ -81,20 +85,84 @@ def stratified_split(
     return assigned
 
 
-def assign_splits(images: list[Candidate], layout: str, params: IndexParams) -> list[str]:
+def group_keys(paths: Sequence[str], pattern: str | None) -> list[str]:
+    """Each path's group: the first capture group of `pattern` (or its whole match) in the path;
+    a path it does not match is a group of its own."""
+    if pattern is None:
+        return list(paths)
+    regex = re.compile(pattern)
+    keys = []
+    for path in paths:
+        match = regex.search(path)
+        keys.append(f"group:{match.group(1) if regex.groups else match.group(0)}" if match else path)
+    return keys
+
+
+def grouped_split(class_names: Sequence[str], groups: Sequence[str], ratios: Sequence[float],
+                  split_names: Sequence[str], seed: int) -> list[str]:
+    """A split name per item, every group whole in one split, each class's shares as near the
+    ratios as the groups allow: the largest groups are placed first, each where its classes are
+    furthest below their targets."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group].append(i)
+    names = list(members)
+    shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    order = sorted(shuffled, key=lambda g: -len(members[g]))  # stable: equal sizes stay shuffled
+    totals = Counter(class_names)
+    placed = {split: Counter() for split in split_names}
+    assigned = [""] * len(class_names)
+    for group in order:
+        counts = Counter(class_names[i] for i in members[group])
+
+        def need(split_ratio):
+            split, ratio = split_ratio
+            return sum(n * (ratio * totals[c] - placed[split][c]) / totals[c] for c, n in counts.items())
+
+        split = max(zip(split_names, ratios), key=need)[0]
+        placed[split].update(counts)
+        for i in members[group]:
+            assigned[i] = split
+    for split in split_names:
+        if not placed[split]:
+            raise UserError(f"index.group_by makes {len(names)} group(s) of these images, too few to fill the "
+                            f"{split} split; use a pattern that makes more, smaller groups, or add data")
+    return assigned
+
+
+def split_by_ratios(names: list[str], groups: list[str] | None, ratios: Sequence[float],
+                    split_names: Sequence[str], seed: int) -> list[str]:
+    if groups is None:
+        return stratified_split(names, ratios, split_names, seed)
+    return grouped_split(names, groups, ratios, split_names, seed)
+
+
+def assign_splits(images: list[Candidate], params: IndexParams) -> list[str]:
+    """Each image's split: the folders' (or the CSV's) where they give val and test; otherwise
+    made by the ratios, keeping each `index.group_by` group in one split."""
     names = [im.class_name for im in images]
-    if layout in ("flat", "train-only"):
-        return stratified_split(names, params.split_ratios, SPLITS, params.seed)
-    folder_splits = {im.folder_split for im in images}
-    if "val" in folder_splits and "test" in folder_splits:
+    groups = group_keys([im.path for im in images], params.group_by) if params.group_by else None
+    folder_splits = {im.folder_split for im in images} - {None}
+    if folder_splits <= {"train"}:
+        return split_by_ratios(names, groups, params.split_ratios, SPLITS, params.seed)
+    if "train" not in folder_splits:
+        raise UserError(f"the given splits are {sorted(folder_splits)}, with no train images; mark some images train")
+    if groups is not None:
+        folders_of: dict[str, set] = defaultdict(set)
+        for image, group in zip(images, groups):
+            folders_of[group].add(image.folder_split)
+        straddling = [g for g, folders in folders_of.items() if len(folders) > 1]
+        if straddling:
+            log.warning("%d groups of index.group_by have images in more than one of the given split folders "
+                        "(e.g. %s): the given splits are kept", len(straddling), sorted(straddling)[0])
+    if {"val", "test"} <= folder_splits:
         return [im.folder_split for im in images]
     # One held-out folder: it becomes the test split (never used to pick a model), and val is
     # carved out of train.
     splits = ["test" if im.folder_split != "train" else "" for im in images]
     train_rows = [i for i, s in enumerate(splits) if not s]
-    carved = stratified_split(
-        [names[i] for i in train_rows], (1 - params.val_fraction, params.val_fraction), ("train", "val"), params.seed
-    )
+    carved = split_by_ratios([names[i] for i in train_rows], [groups[i] for i in train_rows] if groups else None,
+                             (1 - params.val_fraction, params.val_fraction), ("train", "val"), params.seed)
     for i, split in zip(train_rows, carved):
         splits[i] = split
     return splits
