@@ -187,8 +187,10 @@ def run_train(root, env) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_project):
+    # The class-balanced sampler draws with replacement: a resumed epoch must draw exactly the same.
     root = tiny_project(strategy="finetune", model={"dropout": 0.3},
-                        train={"head_epochs": 2, "epochs": 4, "workers": 1, "scheduler": "onecycle"})
+                        train={"head_epochs": 2, "epochs": 4, "workers": 1, "scheduler": "onecycle",
+                               "class_weighting": "sampler"})
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     run_train(root, env)
     reference = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
