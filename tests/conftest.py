@@ -26,6 +26,9 @@ def project(tmp_path, monkeypatch):
 
     def make(**overrides) -> Path:
         params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+        # One process validates the few images a test makes: a pool's start costs more than it
+        # saves there (test_parallel_and_serial_validation_agree and the e2e tests use the pool).
+        params["index"]["workers"] = 1
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides)))
         monkeypatch.chdir(tmp_path)
         return tmp_path

@@ -139,9 +139,9 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     assert stages_run(output(["dvc", "repro"], work, env)) == ["source"]
     # A photo added to the folder reruns download and everything after it.
     write_gradient_image(folder / "tiny_data/train/ants/new.png", (120, 200, 30))
-    assert stages_run(output(["dvc", "repro"], work, env)) == ["source", "download", "index", "features", "leaks",
-                                                               "train", "evaluate", "export"]
+    assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["source", "download", "index"]
     assert json.loads((work / "metrics/data.json").read_text())["images"] == 23
+    assert {"features", "train"} <= set(json.loads(output(["dvc", "status", "--json"], work, env)))
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "one more photo"], work, env)
