@@ -3,11 +3,16 @@
 A model whose backbone is still exactly the pretrained one (strategy frozen, or a finetune run
 whose best epoch was a head epoch) is scored on the cached test features: the features stage
 already ran that backbone over the test images, so only the head runs here. Any other model runs
-on the images. Both go through lib/inference.py, in full precision, with the model's own tta.
+on the images. Both go through lib/inference.py, in full precision, with the model's own tta,
+and the probabilities are scaled by the temperature train fitted on the val split.
 
-Writes the test metrics (metrics/eval.json), every prediction with its class probabilities
-(metrics/predictions.csv), the confusion matrix as a DVC plot and a picture, and two more
-pictures: a grid of test images titled predicted vs true, and a gallery of the misclassified ones.
+Writes the headline test metrics, flat and numeric for `dvc exp show` (metrics/eval.json: accuracy
+and macro-F1 with 95% bootstrap intervals, balanced accuracy, loss, calibration error before and
+after temperature scaling, Brier score); every prediction with its class probabilities
+(metrics/predictions.csv); per-class scores with ROC AUC and average precision, the most confused
+class pairs and the reliability bins (metrics/eval/*.csv, DVC plots); and pictures: the confusion
+matrix, ROC and precision-recall curves, the reliability diagram, a grid of test images titled
+predicted vs true, and a gallery of the misclassified ones.
 """
 
 from __future__ import annotations
@@ -15,36 +20,23 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
-import torch
 
-from stages.lib.checkpoint import Checkpoint, read_checkpoint
+from stages.lib.calibration import brier_score, expected_calibration_error, reliability_table
+from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import run_stage
-from stages.lib.data import ImageDataset, decode_size, eval_transform, make_loader, read_split
-from stages.lib.features import usable_test_features
+from stages.lib.data import read_split
+from stages.lib.features import split_probabilities
 from stages.lib.files import atomic_path, write_json_atomic
-from stages.lib.inference import feature_probabilities, loader_probabilities
-from stages.lib.metrics import confusion_counts, predictions_table, score_predictions
-from stages.lib.params import EvaluateParams, load_params
-from stages.lib.paths import (CONFUSION_CSV, CONFUSION_PNG, EVAL_JSON, GRID_PNG, MISCLASSIFIED_PNG, MODEL,
-                              PREDICTIONS_CSV, RAW_DIR)
-from stages.lib.plots import save_confusion_matrix, save_image_grid
-from stages.lib.runtime import pick_device
+from stages.lib.inference import calibrate
+from stages.lib.metrics import confused_pairs, confusion_counts, predictions_table, score_predictions
+from stages.lib.params import load_params
+from stages.lib.paths import (CLASS_CURVES_PNG, CONFUSED_PAIRS_CSV, CONFUSION_CSV, CONFUSION_PNG, EVAL_JSON, GRID_PNG,
+                              MISCLASSIFIED_PNG, MODEL, PER_CLASS_CSV, PREDICTIONS_CSV, RAW_DIR, RELIABILITY_CSV,
+                              RELIABILITY_PNG)
+from stages.lib.plots import save_class_curves, save_confusion_matrix, save_image_grid, save_reliability_diagram
+from stages.lib.significance import RESAMPLES, bootstrap_intervals
 
 log = logging.getLogger("evaluate")
-
-
-def predict_test_split(checkpoint: Checkpoint, rows: pd.DataFrame, params: EvaluateParams):
-    """Class probabilities and labels of the test rows, from cached features when they apply."""
-    cached = usable_test_features(checkpoint, rows["path"].tolist())
-    if cached is not None:
-        log.info("the backbone is the pretrained one: scoring the head on the cached test features")
-        return feature_probabilities(checkpoint.head_module(), cached, checkpoint.tta), cached["labels"]
-    device = pick_device()
-    model = checkpoint.classifier().to(device, memory_format=torch.channels_last)
-    prep = checkpoint.preprocessing
-    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), params.batch_size, None,
-                         params.workers, device.type == "cuda", persistent=False)
-    return loader_probabilities(model, loader, device, checkpoint.tta, desc="testing")
 
 
 def write_csv(table: pd.DataFrame, path) -> None:
@@ -66,22 +58,58 @@ def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
                     f"misclassified: {len(wrong)} of {len(table)} (most confident first)")
 
 
+def headline_metrics(scores: dict, raw, probs, labels, classes: list[str], temperature: float, epoch: int) -> dict:
+    """What eval.json holds: a handful of flat numbers, the intervals beside their scores."""
+    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    intervals = bootstrap_intervals(y_true, y_pred, len(classes))
+    return {
+        "accuracy": scores["accuracy"],
+        "accuracy_low": intervals["accuracy"][0],
+        "accuracy_high": intervals["accuracy"][1],
+        "macro_f1": scores["macro_f1"],
+        "macro_f1_low": intervals["macro_f1"][0],
+        "macro_f1_high": intervals["macro_f1"][1],
+        "balanced_accuracy": scores["balanced_accuracy"],
+        "loss": scores["loss"],
+        "ece": expected_calibration_error(probs.numpy(), y_true),
+        "ece_uncalibrated": expected_calibration_error(raw.numpy(), y_true),
+        "brier": brier_score(probs.numpy(), y_true),
+        "temperature": temperature,
+        "images": scores["images"],
+        "best_epoch": epoch,
+    }
+
+
 def main() -> None:
     params = load_params().evaluate
     checkpoint = read_checkpoint(MODEL)
     rows = read_split("test")
-    probs, labels = predict_test_split(checkpoint, rows, params)
+    raw, labels = split_probabilities(checkpoint, "test", rows, params.batch_size, params.workers)
+    probs = calibrate(raw, checkpoint.temperature)
 
-    metrics = score_predictions(probs, labels, checkpoint.classes)
-    write_json_atomic(EVAL_JSON, {**metrics, "tta": checkpoint.tta, "best_epoch": checkpoint.epoch})
+    scores, per_class = score_predictions(probs, labels, checkpoint.classes)
+    metrics = headline_metrics(scores, raw, probs, labels, checkpoint.classes, checkpoint.temperature, checkpoint.epoch)
+    write_json_atomic(EVAL_JSON, metrics)
     table = predictions_table(rows, probs, checkpoint.classes)
     write_csv(table, PREDICTIONS_CSV)
     write_csv(table[["true", "predicted"]].rename(columns={"true": "actual"}), CONFUSION_CSV)
+    write_csv(per_class.round(6), PER_CLASS_CSV)
+    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    write_csv(confused_pairs(y_true, y_pred, checkpoint.classes).round(6), CONFUSED_PAIRS_CSV)
+    calibrated = reliability_table(probs.numpy(), y_true)
+    write_csv(pd.DataFrame([r for r in calibrated if r["images"]]).round(6), RELIABILITY_CSV)
+    series = {f"temperature {checkpoint.temperature:.3g}": (calibrated, metrics["ece"])}
+    if checkpoint.temperature != 1.0:
+        series["without temperature"] = reliability_table(raw.numpy(), y_true), metrics["ece_uncalibrated"]
+    save_reliability_diagram({k: v[0] for k, v in series.items()}, {k: v[1] for k, v in series.items()},
+                             RELIABILITY_PNG)
+    save_class_curves(probs.numpy(), y_true, checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
-    confusion = confusion_counts(labels.numpy(), probs.argmax(1).numpy(), len(checkpoint.classes))
-    save_confusion_matrix(confusion, checkpoint.classes, CONFUSION_PNG)
-    log.info("test: accuracy %.4f, macro-F1 %.4f, loss %.4f on %d images (model from epoch %d)",
-             metrics["accuracy"], metrics["macro_f1"], metrics["loss"], metrics["images"], checkpoint.epoch)
+    save_confusion_matrix(confusion_counts(y_true, y_pred, len(checkpoint.classes)), checkpoint.classes, CONFUSION_PNG)
+    log.info("test: accuracy %.4f (95%% CI %.4f-%.4f, %d bootstrap resamples), macro-F1 %.4f, loss %.4f, ECE %.4f "
+             "(%.4f before temperature %g) on %d images (model from epoch %d)", metrics["accuracy"],
+             metrics["accuracy_low"], metrics["accuracy_high"], RESAMPLES, metrics["macro_f1"], metrics["loss"],
+             metrics["ece"], metrics["ece_uncalibrated"], checkpoint.temperature, metrics["images"], checkpoint.epoch)
 
 
 if __name__ == "__main__":

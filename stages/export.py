@@ -39,7 +39,7 @@ def main() -> None:
             model = checkpoint.classifier()
             backbone_folder, head = Path(scratch), model.head
             export_backbone(model.backbone, checkpoint.preprocessing.input_size, backbone_folder)
-        join_with_head(backbone_folder, head, tmp)
+        join_with_head(backbone_folder, head, checkpoint.temperature, tmp)
         write_json_atomic(tmp / MODEL_JSON, sidecar(checkpoint))
     log.info("%s (epoch %d) exported to %s: model.ts, model.onnx, model.json",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR)

@@ -5,7 +5,9 @@
 
 PATHs are image files or folders (searched recursively for .jpg .jpeg .png .gif .bmp .webp).
 Images are decoded and preprocessed as the checkpoint says (its backbone's own size and
-normalisation) in batches on the best device, scored as evaluate scores them (lib/inference.py).
+normalisation) in batches on the best device, scored as evaluate scores them (lib/inference.py,
+temperature-scaled). `--min-confidence P` answers `unknown` for an image whose top class is
+less probable than P, and counts them.
 The CSV has one row per file: path, predicted class, its probability, the top-k classes with
 their probabilities and an error column: a file that cannot be read is listed with the reason
 and does not stop the run. `--out -` writes to standard output. Exit status 0 when every file
@@ -27,8 +29,8 @@ from stages.lib.cli import UserError, run_stage
 from stages.lib.data import PathDataset, collate_readable, decode_size, eval_transform
 from stages.lib.files import write_output
 from stages.lib.images import IMAGE_EXTENSIONS, find_images
-from stages.lib.inference import classify
-from stages.lib.metrics import file_predictions_table
+from stages.lib.inference import calibrate, classify
+from stages.lib.metrics import UNKNOWN, file_predictions_table
 from stages.lib.runtime import pick_device
 
 log = logging.getLogger("predict")
@@ -45,9 +47,14 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     parser.add_argument("--tta", choices=["none", "hflip"], default=None,
                         help="average with the mirror image (default: as the model was selected, its model.tta)")
+    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                        help=f"answer {UNKNOWN!r} when the top class's (temperature-scaled) probability is below P "
+                             "(default: %(default)s, always answer)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
         parser.error("--top-k and --batch-size must be at least 1, --workers at least 0")
+    if not 0 <= args.min_confidence <= 1:
+        parser.error("--min-confidence must be a probability, from 0 to 1")
     return args
 
 
@@ -67,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(PathDataset(paths, eval_transform(prep), decode_size(prep)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate_readable, pin_memory=device.type == "cuda")
     probs, errors = classify(model, loader, device, args.tta or checkpoint.tta)
-    table = file_predictions_table(paths, probs, errors, checkpoint.classes, args.top_k)
+    probs = [None if p is None else calibrate(p[None], checkpoint.temperature)[0] for p in probs]
+    table = file_predictions_table(paths, probs, errors, checkpoint.classes, args.top_k, args.min_confidence)
     where = write_output(args.out, table.to_csv(index=False, lineterminator="\n"))
     failed = sum(bool(e) for e in errors)
-    log.info("%d images classified, %d unreadable; wrote %s", len(paths) - failed, failed, where)
+    unsure = f", {int((table['predicted'] == UNKNOWN).sum())} {UNKNOWN} (below --min-confidence " \
+             f"{args.min_confidence:g})" if args.min_confidence else ""
+    log.info("%d images classified%s, %d unreadable; wrote %s", len(paths) - failed, unsure, failed, where)
     return 1 if failed else 0
 
 

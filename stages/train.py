@@ -17,15 +17,18 @@ import logging
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from dvclive import Live
 
 from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
 from stages.lib.bookkeeping import Books, read_resume_state, run_fingerprint
+from stages.lib.calibration import fit_temperature, negative_log_likelihood, softmax
+from stages.lib.checkpoint import Checkpoint, save_checkpoint
 from stages.lib.cli import run_stage
 from stages.lib.data import read_classes, read_split
+from stages.lib.features import split_probabilities
 from stages.lib.files import write_json_atomic
 from stages.lib.params import load_params
 from stages.lib.paths import CURVES_PNG, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON, features_file
@@ -84,6 +87,19 @@ def main() -> None:
     write_json_atomic(TIME_JSON, {**seconds, "total": round(time.perf_counter() - started, 2)})
     books.save_resume_state(model, complete=True)
     log.info("best epoch %d (%s): val acc %.4f, val loss %.4f", best.epoch, best.phase, best.val_acc, best.val_loss)
+    save_checkpoint(MODEL, with_fitted_temperature(books.best_checkpoint, params))
+
+
+def with_fitted_temperature(checkpoint: Checkpoint, params) -> Checkpoint:
+    """The checkpoint with the temperature that makes its val probabilities best calibrated (the
+    lowest NLL); the predicted classes do not change."""
+    probs, labels = split_probabilities(checkpoint, "val", read_split("val"), params.train.batch_size,
+                                        params.train.workers)
+    log_probs, y = probs.clamp_min(1e-12).log().numpy(), labels.numpy()
+    temperature = fit_temperature(log_probs, y)
+    before, after = negative_log_likelihood(probs.numpy(), y), negative_log_likelihood(softmax(log_probs / temperature), y)
+    log.info("temperature %.4g fitted on the val split: NLL %.4f -> %.4f", temperature, before, after)
+    return replace(checkpoint, temperature=temperature)
 
 
 if __name__ == "__main__":

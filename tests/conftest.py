@@ -196,8 +196,9 @@ def tiny_project(tmp_path, monkeypatch, tiny_backbone_file, prepared_projects):
 
 
 def train_with_library(root: Path) -> Path:
-    """models/model.pt for the params in `root`, trained by the library as the train stage would,
-    without its DVCLive records: what evaluate, export and predict tests start from."""
+    """models/model.pt for the params in `root`, trained by the library as the train stage would
+    (its temperature fitted on val included), without its DVCLive records: what evaluate, export
+    and predict tests start from."""
     import os
 
     import torch
@@ -222,7 +223,9 @@ def train_with_library(root: Path) -> Path:
         books = Books(params, classes, prep, sha256, run.timing)
         train_model(plan_for(params, True), Model(pretrained["state_dict"]), books, run, prep, sha256, None)
         books.save_best()
-        save_checkpoint(MODEL, books.best_checkpoint)
+        from stages.train import with_fitted_temperature
+
+        save_checkpoint(MODEL, with_fitted_temperature(books.best_checkpoint, params))
     finally:
         os.chdir(here)
     return root / "models/model.pt"

@@ -97,5 +97,8 @@ def test_a_stale_backbone_export_is_not_reused(trained_copy, caplog):
     with caplog.at_level("INFO"):
         export.main()
     assert "joining its export" not in caplog.text
+    temperature = read_checkpoint(root / "models/model.pt").temperature
+    assert temperature != 1.0  # so the comparison below shows the exports apply it
+    assert json.loads((root / "models/export/model.json").read_text())["temperature"] == temperature
     size = json.loads((root / "models/export/model.json").read_text())["input_size"]
     check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))

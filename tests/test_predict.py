@@ -128,3 +128,20 @@ def test_out_follows_links_and_never_replaces_them(trained_copy):
     assert device_link.is_symlink() and Path("/dev/null").is_char_device()
     with pytest.raises(UserError, match=r"results: is a folder; give a file name"):
         predict.main([image, "--out", "results", "--workers", "0"])
+
+
+def test_min_confidence_answers_unknown_below_it(trained_copy, caplog):
+    root = trained_copy
+    folder = root / "data/raw"
+    predict.main([str(folder), "--out", "all.csv", "--workers", "0"])
+    answers = pd.read_csv(root / "all.csv", keep_default_na=False)
+    threshold = float(answers.probability.median())
+    with caplog.at_level("INFO"):
+        predict.main([str(folder), "--out", "sure.csv", "--workers", "0", "--min-confidence", str(threshold)])
+    sure = pd.read_csv(root / "sure.csv", keep_default_na=False)
+    below = answers.probability < threshold
+    assert (sure.predicted[below] == "unknown").all() and (sure.predicted[~below] == answers.predicted[~below]).all()
+    assert sure.probability.tolist() == answers.probability.tolist()  # the probabilities stay for the record
+    assert f"{int(below.sum())} unknown (below --min-confidence {threshold:g})" in caplog.text
+    with pytest.raises(SystemExit):
+        predict.main([str(folder), "--min-confidence", "1.5"])

@@ -40,7 +40,19 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert checkpoint["preprocessing"]["input_size"] == 160 and checkpoint["metrics"]["phase"] == "head"
     assert 1 <= checkpoint["epoch"] <= 3
     assert checkpoint["pretrained_backbone_sha256"] == file_sha256(root / "models/pretrained.pt")
-    assert checkpoint["version"] == 2 and checkpoint["tta"] == "none"
+    assert checkpoint["version"] == 3 and checkpoint["tta"] == "none"
+    # The temperature fitted on the val split: the val NLL is no worse with it than without.
+    from stages.lib.calibration import negative_log_likelihood, softmax
+    from stages.lib.checkpoint import read_checkpoint
+    from stages.lib.data import read_split
+    from stages.lib.features import split_probabilities
+
+    model = read_checkpoint(root / "models/model.pt")
+    probs, labels = split_probabilities(model, "val", read_split("val"), 8, 0)
+    log_probs = probs.clamp_min(1e-12).log().numpy()
+    assert model.temperature > 0 and model.temperature != 1.0
+    assert negative_log_likelihood(softmax(log_probs / model.temperature), labels.numpy()) <= \
+        negative_log_likelihood(probs.numpy(), labels.numpy())
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     assert summary["best"]["epoch"] == checkpoint["epoch"] and summary["step"] == 2
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs

@@ -18,7 +18,7 @@ from stages.lib.classifier import Classifier, build_classifier, make_head, unpre
 from stages.lib.cli import UserError
 from stages.lib.files import save_torch_atomic
 
-VERSION = 2
+VERSION = 3  # 3: temperature
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Checkpoint:
     pretrained_backbone_sha256: str | None
     params: dict  # every param of the run, for the record
     state_dict: dict
+    # Fitted on the val split after training (lib/calibration.py): probabilities are
+    # softmax(log p / temperature), which leaves the predicted class as it was.
+    temperature: float = 1.0
     version: int = VERSION
 
     def uses_pretrained_backbone(self, sha256: str | None) -> bool:

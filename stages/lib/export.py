@@ -28,14 +28,25 @@ BACKBONE_TS, BACKBONE_ONNX, BACKBONE_JSON = "backbone.ts", "backbone.onnx", "bac
 MODEL_TS, MODEL_ONNX, MODEL_JSON = "model.ts", "model.onnx", "model.json"
 
 
-def with_softmax(model: nn.Module) -> nn.Module:
-    """What both exported files compute: the model's class scores turned into probabilities."""
-    return nn.Sequential(model, nn.Softmax(dim=1)).eval()
+class Temperature(nn.Module):
+    """Class scores divided by the temperature fitted on the val split (lib/calibration.py)."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature
+
+
+def with_softmax(model: nn.Module, temperature: float) -> nn.Module:
+    """What both exported files compute: the model's class scores turned into calibrated probabilities."""
+    return nn.Sequential(model, Temperature(temperature), nn.Softmax(dim=1)).eval()
 
 
 def probability_model(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's network in PyTorch, computing what the exported files compute."""
-    return with_softmax(checkpoint.classifier())
+    return with_softmax(checkpoint.classifier(), checkpoint.temperature)
 
 
 @contextmanager
@@ -63,15 +74,16 @@ def export_backbone(backbone: nn.Module, input_size: int, folder: Path) -> None:
         export_onnx(backbone, example, str(folder / BACKBONE_ONNX), INPUT_NAME, FEATURES_NAME)
 
 
-def join_with_head(backbone_folder: Path, head: nn.Module, folder: Path) -> None:
-    """model.ts and model.onnx in `folder`: the backbone's exports followed by the head and a softmax."""
+def join_with_head(backbone_folder: Path, head: nn.Module, temperature: float, folder: Path) -> None:
+    """model.ts and model.onnx in `folder`: the backbone's exports followed by the head, the
+    temperature and a softmax."""
     head = head.eval()
     width = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
     buffer = io.BytesIO()
     with quiet_exporters():
         backbone = torch.jit.load(str(backbone_folder / BACKBONE_TS), map_location="cpu")
-        torch.jit.script(with_softmax(Classifier(backbone, head))).save(str(folder / MODEL_TS))
-        export_onnx(with_softmax(head), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
+        torch.jit.script(with_softmax(Classifier(backbone, head), temperature)).save(str(folder / MODEL_TS))
+        export_onnx(with_softmax(head, temperature), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
     joined = onnx.compose.merge_models(onnx.load(str(backbone_folder / BACKBONE_ONNX)),
                                        onnx.load_from_string(buffer.getvalue()),
                                        io_map=[(FEATURES_NAME, FEATURES_NAME)])
@@ -96,7 +108,9 @@ def sidecar(checkpoint: Checkpoint) -> dict:
         "classes": checkpoint.classes,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, prep.input_size, prep.input_size], "dtype": "float32",
                   "layout": "NCHW, RGB, scaled to 0..1, then (x - mean) / std"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(checkpoint.classes)], "meaning": "class probabilities"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(checkpoint.classes)],
+                   "meaning": "class probabilities, temperature-scaled (softmax of the class scores / temperature)"},
+        "temperature": checkpoint.temperature,
         "input_size": prep.input_size,
         "resize_size": prep.resize_size,
         "mean": list(prep.mean),

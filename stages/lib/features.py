@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from stages.lib.backbones import Preprocessing
 from stages.lib.cli import UserError
-from stages.lib.data import decode_size, eval_transform, make_loader, read_split, train_transform
+from stages.lib.data import ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
 from stages.lib.images import load_image
+from stages.lib.inference import feature_probabilities, loader_probabilities
 from stages.lib.params import Params
 from stages.lib.paths import PRETRAINED, RAW_DIR, features_file
+from stages.lib.runtime import pick_device
 
 log = logging.getLogger("features")
 
@@ -128,10 +130,10 @@ def read_head_features(pretrained_sha256: str) -> tuple[dict, dict]:
     return train, val
 
 
-def usable_test_features(checkpoint, paths: list[str]) -> dict | None:
-    """The cached test features, if they are exactly what the model's backbone gives on these
+def usable_features(checkpoint, split: str, paths: list[str]) -> dict | None:
+    """The split's cached features, if they are exactly what the model's backbone gives on these
     images, with the views its test-time augmentation needs; else None."""
-    path = features_file("test")
+    path = features_file(split)
     if checkpoint.pretrained_backbone_sha256 is None or not path.is_file():
         return None
     cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,3 +141,19 @@ def usable_test_features(checkpoint, paths: list[str]) -> dict | None:
     if checkpoint.uses_pretrained_backbone(cached["pretrained_sha256"]) and cached["paths"] == paths and has_views:
         return cached
     return None
+
+
+def split_probabilities(checkpoint, split: str, rows, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uncalibrated class probabilities and labels of a split's rows: the head on the cached
+    features when they serve this model (its backbone is the pretrained one), else the whole
+    model on the images."""
+    cached = usable_features(checkpoint, split, rows["path"].tolist())
+    if cached is not None:
+        log.info("the backbone is the pretrained one: scoring the head on the cached %s features", split)
+        return feature_probabilities(checkpoint.head_module(), cached, checkpoint.tta), cached["labels"]
+    device = pick_device()
+    model = checkpoint.classifier().to(device, memory_format=torch.channels_last)
+    prep = checkpoint.preprocessing
+    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), batch_size, None, workers,
+                         device.type == "cuda", persistent=False)
+    return loader_probabilities(model, loader, device, checkpoint.tta, desc=f"scoring {split}")

@@ -65,6 +65,14 @@ def classify(model: nn.Module, loader, device: torch.device, tta: str):
     return probs, errors
 
 
+def calibrate(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-scaled probabilities: softmax(log p / T), the same as softmax(logits / T)
+    without test-time augmentation; the most probable class does not change."""
+    if temperature == 1.0:
+        return probs
+    return (probs.clamp_min(1e-12).log() / temperature).softmax(1)
+
+
 def loss_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean negative log-likelihood and accuracy of predicted probabilities."""
     loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()

@@ -40,25 +40,74 @@ def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float,
     return loss, accuracy, macro_f1(labels.numpy(), probs.argmax(1).numpy(), probs.shape[1])
 
 
-def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> tuple[dict, pd.DataFrame]:
+    """The headline scores (flat, numeric: what `dvc exp show` prints) and the per-class table."""
     loss, _ = loss_and_accuracy(probs, labels)
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
     confusion = confusion_counts(y_true, y_pred, len(classes))
     right, support, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
     precision, recall = ratio(right, predicted), ratio(right, support)
     f1 = ratio(2 * right, support + predicted)
-    return {
+    headline = {
         "accuracy": float(right.sum() / len(y_true)),
         "macro_f1": float(f1.mean()),
         # mean recall over the classes the test split has: what accuracy would be if they were balanced
         "balanced_accuracy": float(recall[support > 0].mean()),
         "loss": loss,
         "images": int(len(y_true)),
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
-            for i, name in enumerate(classes)
-        },
     }
+    auc, ap = one_vs_rest_areas(probs.numpy(), y_true)
+    per_class = pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1,
+                              "support": support.astype(int), "roc_auc": auc, "average_precision": ap})
+    return headline, per_class
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates at every threshold, as scikit-learn's roc_curve
+    (drop_intermediate=False): ties move together."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tp = np.cumsum(positive)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+def precision_recall_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every threshold, highest threshold first."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tp = np.cumsum(positive)[last_of_tie]
+    return tp / (last_of_tie + 1), tp / max(positive.sum(), 1)
+
+
+def one_vs_rest_areas(probs: np.ndarray, y_true: np.ndarray) -> tuple[list, list]:
+    """Per class: the area under its one-vs-rest ROC curve and its average precision (as
+    scikit-learn's roc_auc_score and average_precision_score); None for a class absent from the
+    test split, or the only one there."""
+    auc, ap = [], []
+    for c in range(probs.shape[1]):
+        positive = (y_true == c).astype(int)
+        if positive.sum() in (0, len(positive)):
+            auc.append(None)
+            ap.append(None)
+            continue
+        fpr, tpr = roc_curve(probs[:, c], positive)
+        auc.append(float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)))  # the trapezoid rule
+        precision, recall = precision_recall_curve(probs[:, c], positive)
+        ap.append(float(np.sum(np.diff(np.r_[0, recall]) * precision)))
+    return auc, ap
+
+
+def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Every (true, predicted) pair of different classes with mistakes, the commonest first, with
+    the share of the true class's test images it takes."""
+    confusion = confusion_counts(y_true, y_pred, len(classes))
+    rows = [(classes[t], classes[p], int(confusion[t, p]), float(confusion[t, p] / confusion[t].sum()))
+            for t in range(len(classes)) for p in range(len(classes)) if t != p and confusion[t, p]]
+    table = pd.DataFrame(rows, columns=["true", "predicted", "images", "share_of_true"])
+    return table.sort_values(["images", "true", "predicted"], ascending=[False, True, True]).reset_index(drop=True)
 
 
 def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataFrame:
@@ -74,17 +123,22 @@ def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataF
     return table
 
 
+UNKNOWN = "unknown"  # predict's answer below --min-confidence
+
+
 def file_predictions_table(paths: list[Path], probs, errors: list[str], classes: list[str],
-                           top_k: int) -> pd.DataFrame:
-    """The predict command's table: per file, the predicted class and the top-k (the recipe's
-    \"results to pandas\"), or the reason it could not be read."""
+                           top_k: int, min_confidence: float = 0.0) -> pd.DataFrame:
+    """The predict command's table: per file, the predicted class (or `unknown` when its
+    probability is below `min_confidence`) and the top-k (the recipe's \"results to pandas\"),
+    or the reason it could not be read."""
     k = min(top_k, len(classes))
     rows = []
     for path, p, error in zip(paths, probs, errors):
         row = {"path": str(path), "predicted": "", "probability": None}
         if p is not None:
             values, indices = p.topk(k)
-            row.update(predicted=classes[indices[0]], probability=round(values[0].item(), 6))
+            sure = values[0].item() >= min_confidence
+            row.update(predicted=classes[indices[0]] if sure else UNKNOWN, probability=round(values[0].item(), 6))
             for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
                 row[f"top{rank}_class"], row[f"top{rank}_probability"] = classes[index], round(value, 6)
         rows.append({**row, "error": error})

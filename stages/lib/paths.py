@@ -34,6 +34,11 @@ CONFUSION_CSV = EVAL_DIR / "confusion.csv"
 GRID_PNG = EVAL_DIR / "predictions.png"
 MISCLASSIFIED_PNG = EVAL_DIR / "misclassified.png"
 CONFUSION_PNG = EVAL_DIR / "confusion.png"
+PER_CLASS_CSV = EVAL_DIR / "per_class.csv"  # precision, recall, F1, support, ROC AUC, AP per class
+CONFUSED_PAIRS_CSV = EVAL_DIR / "confused_pairs.csv"
+RELIABILITY_CSV = EVAL_DIR / "reliability.csv"
+RELIABILITY_PNG = EVAL_DIR / "reliability.png"
+CLASS_CURVES_PNG = EVAL_DIR / "curves.png"  # one-vs-rest ROC and precision-recall
 
 EXPORT_DIR = Path("models/export")
 BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone alone, for export to reuse
