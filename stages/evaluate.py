@@ -12,7 +12,9 @@ after temperature scaling, Brier score); every prediction with its class probabi
 (metrics/predictions.csv); per-class scores with ROC AUC and average precision, the most confused
 class pairs and the reliability bins (metrics/eval/*.csv, DVC plots); and pictures: the confusion
 matrix, ROC and precision-recall curves, the reliability diagram, a grid of test images titled
-predicted vs true, and a gallery of the misclassified ones.
+predicted vs true, and a gallery of the misclassified ones. Last, the label suspects: the train and
+val images the final model disagrees with most (top_losses.csv and a gallery), so a user can fix
+their labels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
+import torch
 
 from stages.lib.calibration import brier_score, expected_calibration_error, reliability_table
 from stages.lib.checkpoint import read_checkpoint
@@ -28,11 +31,11 @@ from stages.lib.data import read_split
 from stages.lib.features import split_probabilities
 from stages.lib.files import atomic_path, write_json_atomic
 from stages.lib.inference import calibrate
-from stages.lib.metrics import confused_pairs, confusion_counts, predictions_table, score_predictions
+from stages.lib.metrics import confused_pairs, confusion_counts, predictions_table, score_predictions, top_losses
 from stages.lib.params import load_params
 from stages.lib.paths import (CLASS_CURVES_PNG, CONFUSED_PAIRS_CSV, CONFUSION_CSV, CONFUSION_PNG, EVAL_JSON, GRID_PNG,
                               MISCLASSIFIED_PNG, MODEL, PER_CLASS_CSV, PREDICTIONS_CSV, RAW_DIR, RELIABILITY_CSV,
-                              RELIABILITY_PNG)
+                              RELIABILITY_PNG, TOP_LOSSES_CSV, TOP_LOSSES_PNG)
 from stages.lib.plots import save_class_curves, save_confusion_matrix, save_image_grid, save_reliability_diagram
 from stages.lib.significance import RESAMPLES, bootstrap_intervals
 
@@ -56,6 +59,30 @@ def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
     wrong = table[table["predicted"] != table["true"]].sort_values("probability", ascending=False)
     save_image_grid(*titled(wrong.head(grid_images)), MISCLASSIFIED_PNG,
                     f"misclassified: {len(wrong)} of {len(table)} (most confident first)")
+
+
+SUSPECTS = 100  # rows of top_losses.csv
+
+
+def label_suspects(checkpoint, params) -> pd.DataFrame:
+    """The train and val images the final model disagrees with most, for a person to check."""
+    scored = []
+    for split in ("train", "val"):
+        rows = read_split(split)
+        raw, _ = split_probabilities(checkpoint, split, rows, params.batch_size, params.workers)
+        scored.append((rows, calibrate(raw, checkpoint.temperature)))
+    rows = pd.concat([r for r, _ in scored], ignore_index=True)
+    return top_losses(rows, torch.cat([p for _, p in scored]), checkpoint.classes, SUSPECTS)
+
+
+def save_suspects(table: pd.DataFrame, count: int) -> None:
+    shown = table.head(count)
+    save_image_grid([RAW_DIR / p for p in shown["path"]],
+                    [f"{s}: given {g} ({q:.2f})\npredicted {p} ({r:.2f})" for s, g, q, p, r in
+                     zip(shown["split"], shown["given"], shown["probability_given"], shown["predicted"],
+                         shown["probability_predicted"])],
+                    ["tab:red" if g != p else "tab:orange" for g, p in zip(shown["given"], shown["predicted"])],
+                    TOP_LOSSES_PNG, "train and val images with the highest loss: check their labels")
 
 
 def headline_metrics(scores: dict, raw, probs, labels, classes: list[str], temperature: float, epoch: int) -> dict:
@@ -105,6 +132,9 @@ def main() -> None:
                              RELIABILITY_PNG)
     save_class_curves(probs.numpy(), y_true, checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
+    suspects = label_suspects(checkpoint, params)
+    write_csv(suspects, TOP_LOSSES_CSV)
+    save_suspects(suspects, params.grid_images)
     save_confusion_matrix(confusion_counts(y_true, y_pred, len(checkpoint.classes)), checkpoint.classes, CONFUSION_PNG)
     log.info("test: accuracy %.4f (95%% CI %.4f-%.4f, %d bootstrap resamples), macro-F1 %.4f, loss %.4f, ECE %.4f "
              "(%.4f before temperature %g) on %d images (model from epoch %d)", metrics["accuracy"],

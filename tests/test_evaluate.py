@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -90,7 +91,14 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
 
     confusion = pd.read_csv(root / "metrics/eval/confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test_rows)
-    for picture in ("predictions.png", "misclassified.png", "confusion.png", "curves.png", "reliability.png"):
+    suspects = pd.read_csv(root / "metrics/eval/top_losses.csv")
+    assert len(suspects) == min(100, int(index.split.isin(["train", "val"]).sum()))
+    assert set(suspects.split) <= {"train", "val"} and suspects.loss.is_monotonic_decreasing
+    given = index.set_index("path").loc[suspects.path, "class"].to_numpy()
+    assert (suspects.given.to_numpy() == given).all()
+    assert suspects.loss.to_numpy() == pytest.approx(-np.log(suspects.probability_given.to_numpy()), abs=1e-4)
+    for picture in ("predictions.png", "misclassified.png", "confusion.png", "curves.png", "reliability.png",
+                    "top_losses.png"):
         assert (root / "metrics/eval" / picture).read_bytes().startswith(b"\x89PNG")
 
 

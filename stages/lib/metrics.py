@@ -100,6 +100,23 @@ def one_vs_rest_areas(probs: np.ndarray, y_true: np.ndarray) -> tuple[list, list
     return auc, ap
 
 
+def top_losses(rows: pd.DataFrame, probs: torch.Tensor, classes: list[str], count: int) -> pd.DataFrame:
+    """The `count` images with the highest loss (-log of the probability of their given label),
+    highest first: where a wrong label, or a hard image, is likeliest (fastai's "top losses")."""
+    labels = torch.tensor(rows["label"].to_numpy())
+    given = probs[torch.arange(len(labels)), labels]
+    table = pd.DataFrame({
+        "path": rows["path"].to_numpy(),
+        "split": rows["split"].to_numpy(),
+        "given": rows["class"].to_numpy(),
+        "predicted": [classes[i] for i in probs.argmax(1).tolist()],
+        "probability_predicted": probs.max(1).values.numpy().round(6),
+        "probability_given": given.numpy().round(6),
+        "loss": (-given.clamp_min(1e-12).log()).numpy().round(6),
+    })
+    return table.sort_values(["loss", "path"], ascending=[False, True]).head(count).reset_index(drop=True)
+
+
 def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Every (true, predicted) pair of different classes with mistakes, the commonest first, with
     the share of the true class's test images it takes."""
