@@ -110,3 +110,38 @@ def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypat
         assert not undeclared and not unread, f"{name} reads {undeclared} undeclared; declares {unread} unread"
     assert json.loads((root / "metrics/eval.json").read_text())["images"] > 0
     assert os.path.isdir(root / "models/export")
+
+
+# --- dvc plots show, offline -----------------------------------------------------------------------
+
+
+def test_the_offline_template_is_built_from_the_vendored_libraries_and_configured():
+    import configparser
+
+    from tests.offline_plots import TEMPLATE, build_template
+
+    assert TEMPLATE.read_text(encoding="utf-8") == build_template(), "run python -m tests.offline_plots --write"
+    config = configparser.ConfigParser()
+    config.read(PROJECT_ROOT / ".dvc/config")
+    assert config["plots"]["html_template"] == "plots/offline.html"
+    for name in ("vega", "vega-lite", "vega-embed"):
+        assert "BSD" in (PROJECT_ROOT / f".dvc/plots/vendor/LICENSE-{name}").read_text() or \
+            "Redistribution and use" in (PROJECT_ROOT / f".dvc/plots/vendor/LICENSE-{name}").read_text()
+
+
+def test_dvc_plots_show_renders_a_page_that_loads_nothing_from_the_network(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dvc = Path(sys.executable).parent / "dvc"
+    result = subprocess.run([str(dvc), "plots", "show", "-o", str(tmp_path / "plots")], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "plots/index.html").read_text(encoding="utf-8")
+    assert "cdn.jsdelivr" not in page and "<script src" not in page.replace(" ", "")
+    attributes = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page)
+    assert attributes and not [a for a in attributes if re.match(r"(https?:)?//", a)]
+    assert page.count("vegaEmbed('#") >= 5  # the interactive charts: curves, confusion, per class, ...
+    assert re.search(r"vega.{0,20}5\.20\.2|version.{0,5}5\.20\.2", page) or "vega 5.20.2" in page
