@@ -1,6 +1,7 @@
-"""The README's results table: each strategy as a DVC experiment on the current data.
+"""The README's results table: each strategy as DVC experiments on the current data, under five
+values of `train.seed`, reported as mean and standard deviation (stages/sweep.py's summary).
 
-    python -m bench.strategies [--strategies frozen finetune scratch]
+    python -m bench.strategies [--strategies frozen finetune scratch] [--seeds 5]
 
 Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME check_params train evaluate`: the workspace is
 left alone, the data stages and features come from the cache, and train and evaluate are forced
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.readme_table import publish
+from stages.sweep import summary
 from stages.lib.params import load_params
 
 RESULTS = Path("bench/results/strategies.md")
@@ -49,22 +51,34 @@ def experiment_metrics(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=["frozen", "finetune", "scratch"])
+    parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     params = load_params()
     rows = []
     _, feature_seconds = run_experiment(["check_params", "features"])
     for strategy in args.strategies:
-        name, seconds = run_experiment(["check_params", "train", "evaluate"], f"strategy={strategy}")
-        metrics = experiment_metrics(name)
-        rows.append(f"| {strategy} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {metrics['best_epoch']} | {seconds:.0f} s |")
+        runs, seconds = {}, []
+        for seed in range(args.seeds):
+            name, took = run_experiment(["check_params", "train", "evaluate"], f"strategy={strategy}",
+                                        f"train.seed={seed}")
+            runs[name], seconds = experiment_metrics(name), seconds + [took]
+            print(strategy, seed, runs[name]["accuracy"], f"{took:.0f} s", flush=True)
+        stats = summary(runs).set_index("metric")
+        epochs = sorted(int(m["best_epoch"]) for m in runs.values())
+        cell = lambda metric: f"{stats.loc[metric, 'mean']:.4f} ± {stats.loc[metric, 'std']:.4f}"  # noqa: E731
+        rows.append(f"| {strategy} | {cell('accuracy')} | {stats.loc['accuracy', 'min']:.4f} to "
+                    f"{stats.loc['accuracy', 'max']:.4f} | {cell('macro_f1')} | {cell('ece')} | {epochs[0]} to "
+                    f"{epochs[-1]} | {sum(seconds) / len(seconds):.0f} s |")
         print(rows[-1], flush=True)
+    metrics = next(iter(runs.values()))
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"backbone `{params.model.backbone}`, other params as in params.yaml, test split of "
-        f"{metrics['images']} images (`python -m bench.strategies`):",
+        f"{metrics['images']} images, {args.seeds} runs per strategy with `train.seed` 0 to {args.seeds - 1} "
+        "(`python -m bench.strategies`; mean ± sample standard deviation):",
         "",
-        "| strategy | test accuracy | test macro-F1 | best epoch | train + evaluate wall time |",
-        "|---|---|---|---|---|",
+        "| strategy | test accuracy | its range | test macro-F1 | test ECE | best epochs | train + evaluate wall time (mean) |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"The features stage, which frozen and finetune train their head on, took {feature_seconds:.0f} s "
