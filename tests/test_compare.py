@@ -81,3 +81,38 @@ def test_runs_on_different_test_images_are_refused(repo):
         compare.main([])
     with pytest.raises(UserError, match=r"^nonsense: neither a git revision nor a DVC experiment"):
         compare.main(["nonsense"])
+
+
+# --- summarising a sweep (stages/sweep.py) ---------------------------------------------------------
+
+
+def shown_experiments(accuracies: dict[str, float]) -> list[dict]:
+    """`dvc exp show --json` as DVC 3 prints it: a commit with named experiments."""
+    experiments = [{"name": name, "revs": [{"name": name, "rev": f"{i:07x}", "data": {"metrics": {
+        "metrics/eval.json": {"data": {"accuracy": acc, "macro_f1": acc - 0.01, "images": 153}}}}}]}
+        for i, (name, acc) in enumerate(accuracies.items())]
+    experiments.append({"name": "broken", "revs": [{"name": "broken", "error": {"msg": "failed"}, "data": {}}]})
+    return [{"rev": "workspace", "name": None, "data": {}, "experiments": None},
+            {"rev": "abc1234", "name": "main", "experiments": experiments}]
+
+
+def test_a_sweep_is_summarised_per_metric(monkeypatch, capsys):
+    import json
+    import types
+
+    import numpy as np
+
+    from stages import sweep
+
+    accuracies = {"seed-0": 0.95, "seed-1": 0.96, "seed-2": 0.94, "other": 0.5}
+    shown = shown_experiments(accuracies)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        returncode=0, stdout=json.dumps(shown), stderr=""))
+    assert sweep.main(["seed-"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 experiments: seed-0, seed-1, seed-2")
+    values = np.array([0.95, 0.96, 0.94])
+    assert f"| accuracy | 3 | {values.mean():.4f} | {values.std(ddof=1):.4f} | 0.9400 | 0.9600 |" in out
+    assert "| images | 3 | 153.0000 | 0.0000 |" in out
+    with pytest.raises(UserError, match=r"no finished experiment named nope\.\.\.; run them first"):
+        sweep.main(["nope"])
