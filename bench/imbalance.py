@@ -3,10 +3,11 @@
 
     python -m bench.imbalance [--archive ../shared/datasets/trashnet.zip]
 
-Each row is a temporary DVC experiment (`dvc exp run --temp`) on this workspace's pipeline with
-`data.url` pointing at the archive: the first one runs download, index and features on it, the
-others take those from DVC's run cache and run only train and evaluate. Test metrics and the
-smallest class's recall are read back from `dvc exp show --json`.
+Run it in a throwaway clone (git clone, then link .venv). Each row is a DVC experiment in the
+workspace with `data.url` pointing at the archive: the first one runs download, index and
+features on it, the others only train and evaluate. Test metrics and the smallest class's recall
+are read from metrics/eval.json and metrics/eval/per_class.csv; params.yaml, dvc.lock and the
+outputs are restored at the end.
 """
 
 from __future__ import annotations
@@ -19,30 +20,26 @@ import time
 from datetime import date
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from bench.readme_table import publish
 from stages.lib.params import load_params
+from stages.lib.paths import DATA_METRICS, EVAL_JSON, PER_CLASS_CSV
 
 RESULTS = Path("bench/results/imbalance.md")
 SETTINGS = [("none", "accuracy"), ("balanced", "accuracy"), ("sampler", "accuracy"), ("balanced", "macro_f1"),
             ("sampler", "macro_f1")]
 
 
-def run_experiment(archive: Path, weighting: str, select_on: str) -> tuple[dict, float]:
-    name = f"imbalance-{weighting}-{select_on.replace('_', '')}-{int(time.time())}"
+def run_experiment(archive: Path, weighting: str, select_on: str) -> tuple[dict, dict, pd.DataFrame, float]:
     settings = [f"data.url={archive.resolve()}", "data.sha256=null", "strategy=frozen",
                 f"train.class_weighting={weighting}", f"train.select_on={select_on}"]
     started = time.perf_counter()
-    subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *[a for s in settings for a in ("-S", s)]], check=True)
+    subprocess.run(["dvc", "exp", "run", *[a for s in settings for a in ("-S", s)]], check=True)
     seconds = time.perf_counter() - started
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
-    for commit in shown:
-        for exp in commit.get("experiments") or []:
-            if exp.get("name") == name:
-                metrics = exp["revs"][0]["data"]["metrics"]
-                return {"eval": metrics["metrics/eval.json"]["data"], "data": metrics["metrics/data.json"]["data"]}, seconds
-    raise SystemExit(f"experiment {name} not found in `dvc exp show`")
+    return (json.loads(EVAL_JSON.read_text()), json.loads(DATA_METRICS.read_text()),
+            pd.read_csv(PER_CLASS_CSV).set_index("class"), seconds)
 
 
 def main() -> None:
@@ -51,16 +48,19 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    for weighting, select_on in SETTINGS:
-        metrics, seconds = run_experiment(args.archive, weighting, select_on)
-        totals = {name: sum(metrics["data"]["counts"][split][name] for split in ("train", "val", "test"))
-                  for name in metrics["eval"]["per_class"]}
-        smallest = min(totals, key=totals.get)
-        scores = metrics["eval"]
-        rows.append(f"| {weighting} | {select_on} | {scores['accuracy']:.4f} | {scores['balanced_accuracy']:.4f} | "
-                    f"{scores['macro_f1']:.4f} | {scores['per_class'][smallest]['recall']:.3f} ({smallest}, "
-                    f"{scores['per_class'][smallest]['support']} test images) | {seconds:.0f} s |")
-        print(rows[-1], flush=True)
+    try:
+        for weighting, select_on in SETTINGS:
+            scores, data, per_class, seconds = run_experiment(args.archive, weighting, select_on)
+            totals = {name: sum(data["counts"][split][name] for split in ("train", "val", "test")) for name in per_class.index}
+            smallest = min(totals, key=totals.get)
+            rows.append(f"| {weighting} | {select_on} | {scores['accuracy']:.4f} | {scores['balanced_accuracy']:.4f} | "
+                        f"{scores['macro_f1']:.4f} | {per_class.loc[smallest, 'recall']:.3f} ({smallest}, "
+                        f"{per_class.loc[smallest, 'support']} test images) | {seconds:.0f} s |")
+            print(rows[-1], flush=True)
+    finally:
+        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
+        subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
+    metrics = {"data": data}
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads: "
         f"`{args.archive.name}`, {metrics['data']['images']} images in {metrics['data']['classes']} classes "

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 from dvclive import Live
@@ -58,7 +58,11 @@ def train_with_records(plan, model: Model, run: Run, classes: list[str], prep: P
             sys.exit(130)
         books.save_best()
         if live is not None:
-            live.summary["best"] = asdict(books.best)
+            # The final summary is the best epoch's val scores, flat: what `dvc exp show` prints
+            # (DVCLive adds `step`); every epoch's values stay in its plots.
+            best = books.best
+            live.summary = {"best_epoch": best.epoch, "val_accuracy": best.val_acc, "val_macro_f1": best.val_f1,
+                            "val_loss": best.val_loss, "step": live.summary.get("step", live.step)}
     return books
 
 

@@ -49,6 +49,6 @@ def test_two_gloo_processes_train_as_one_process_with_their_summed_batch(tiny_pr
     assert len(single["curves"]["train/loss"]) == 2 + 2
     for name, values in single["curves"].items():
         assert double["curves"][name] == pytest.approx(values, abs=1e-4), name
-    assert double["summary"]["best"]["epoch"] == single["summary"]["best"]["epoch"]
+    assert double["summary"]["best_epoch"] == single["summary"]["best_epoch"]
     for name, tensor in single_model["state_dict"].items():
         torch.testing.assert_close(double_model["state_dict"][name], tensor, atol=1e-4, rtol=1e-3, msg=name)

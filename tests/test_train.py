@@ -54,7 +54,9 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert negative_log_likelihood(softmax(log_probs / model.temperature), labels.numpy()) <= \
         negative_log_likelihood(probs.numpy(), labels.numpy())
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
-    assert summary["best"]["epoch"] == checkpoint["epoch"] and summary["step"] == 2
+    assert summary == {"best_epoch": checkpoint["epoch"], "val_accuracy": checkpoint["metrics"]["val_acc"],
+                       "val_macro_f1": checkpoint["metrics"]["val_f1"], "val_loss": checkpoint["metrics"]["val_loss"],
+                       "step": 2}
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
     assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
 
