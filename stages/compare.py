@@ -93,7 +93,7 @@ def verdict(result: dict) -> str:
 
 
 def report(result: dict, names: tuple[str, str]) -> str:
-    width = max(len(names[0]), len(names[1]), 9) + 2
+    width = 9
     return "\n".join([
         f"A = {names[0]}: accuracy {result['accuracy_a']:.4f}",
         f"B = {names[1]}: accuracy {result['accuracy_b']:.4f}",
