@@ -22,7 +22,8 @@ import torch
 
 from bench.readme_table import publish
 from stages.lib.params import load_params
-from stages.lib.paths import EVAL_JSON
+from stages.lib.checkpoint import read_checkpoint
+from stages.lib.paths import EVAL_JSON, MODEL
 
 RESULTS = Path("bench/results/calibration.md")
 DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
@@ -46,7 +47,7 @@ def main() -> None:
         for name in DATASETS:
             m, seconds = run(args.datasets / name, args.settings)
             rows.append(f"| {name} | {m['images']} | {m['accuracy']:.4f} [{m['accuracy_low']:.3f}, "
-                        f"{m['accuracy_high']:.3f}] | {m['temperature']:.3g} | {m['ece_uncalibrated']:.4f} | "
+                        f"{m['accuracy_high']:.3f}] | {read_checkpoint(MODEL).temperature:.3g} | {m['ece_uncalibrated']:.4f} | "
                         f"{m['ece']:.4f} | {m['loss']:.4f} | {m['brier']:.4f} | {seconds:.0f} s |")
             print(rows[-1], flush=True)
     finally:

@@ -38,13 +38,13 @@ def run_experiment(stages: list[str], *settings: str) -> tuple[str, float]:
     return name, time.perf_counter() - started
 
 
-def experiment_metrics(name: str) -> dict:
+def experiment_metrics(name: str, path: str = "metrics/eval.json") -> dict:
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
     for commit in shown:
         for exp in commit.get("experiments") or []:
             if exp.get("name") == name:
                 revs = exp["revs"][0]["data"]
-                return revs["metrics"]["metrics/eval.json"]["data"]
+                return revs["metrics"][path]["data"]
     raise SystemExit(f"experiment {name} not found in `dvc exp show`")
 
 
@@ -57,14 +57,15 @@ def main() -> None:
     rows = []
     _, feature_seconds = run_experiment(["check_params", "features"])
     for strategy in args.strategies:
-        runs, seconds = {}, []
+        runs, train_runs, seconds = {}, {}, []
         for seed in range(args.seeds):
             name, took = run_experiment(["check_params", "train", "evaluate"], f"strategy={strategy}",
                                         f"train.seed={seed}")
             runs[name], seconds = experiment_metrics(name), seconds + [took]
+            train_runs[name] = experiment_metrics(name, "metrics/train/metrics.json")
             print(strategy, seed, runs[name]["accuracy"], f"{took:.0f} s", flush=True)
         stats = summary(runs).set_index("metric")
-        epochs = sorted(int(m["best_epoch"]) for m in runs.values())
+        epochs = sorted(int(m["best_epoch"]) for m in train_runs.values())
         cell = lambda metric: f"{stats.loc[metric, 'mean']:.4f} ± {stats.loc[metric, 'std']:.4f}"  # noqa: E731
         rows.append(f"| {strategy} | {cell('accuracy')} | {stats.loc['accuracy', 'min']:.4f} to "
                     f"{stats.loc['accuracy', 'max']:.4f} | {cell('macro_f1')} | {cell('ece')} | {epochs[0]} to "

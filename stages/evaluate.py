@@ -85,8 +85,9 @@ def save_suspects(table: pd.DataFrame, count: int) -> None:
                     TOP_LOSSES_PNG, "train and val images with the highest loss: check their labels")
 
 
-def headline_metrics(scores: dict, raw, probs, labels, classes: list[str], temperature: float, epoch: int) -> dict:
-    """What eval.json holds: a handful of flat numbers, the intervals beside their scores."""
+def headline_metrics(scores: dict, raw, probs, labels, classes: list[str]) -> dict:
+    """What eval.json holds: a handful of flat numbers, the intervals beside their scores (the
+    best epoch is train's metric, the temperature is in the checkpoint and the export sidecar)."""
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
     intervals = bootstrap_intervals(y_true, y_pred, len(classes))
     return {
@@ -101,9 +102,7 @@ def headline_metrics(scores: dict, raw, probs, labels, classes: list[str], tempe
         "ece": expected_calibration_error(probs.numpy(), y_true),
         "ece_uncalibrated": expected_calibration_error(raw.numpy(), y_true),
         "brier": brier_score(probs.numpy(), y_true),
-        "temperature": temperature,
         "images": scores["images"],
-        "best_epoch": epoch,
     }
 
 
@@ -115,7 +114,7 @@ def main() -> None:
     probs = calibrate(raw, checkpoint.temperature)
 
     scores, per_class = score_predictions(probs, labels, checkpoint.classes)
-    metrics = headline_metrics(scores, raw, probs, labels, checkpoint.classes, checkpoint.temperature, checkpoint.epoch)
+    metrics = headline_metrics(scores, raw, probs, labels, checkpoint.classes)
     write_json_atomic(EVAL_JSON, metrics)
     table = predictions_table(rows, probs, checkpoint.classes)
     write_csv(table, PREDICTIONS_CSV)
