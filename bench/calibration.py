@@ -13,27 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
 from bench.readme_table import publish
+from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.paths import EVAL_JSON, MODEL
 
 RESULTS = Path("bench/results/calibration.md")
 DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
-
-
-def run(archive: Path, settings: list[str]) -> tuple[dict, float]:
-    started = time.perf_counter()
-    overrides = [f"data.url={archive.resolve()}", "data.sha256=null", *settings]
-    subprocess.run(["dvc", "exp", "run", *[a for s in overrides for a in ("-S", s)]], check=True)
-    return json.loads(EVAL_JSON.read_text()), time.perf_counter() - started
 
 
 def main() -> None:
@@ -43,16 +35,14 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    try:
+    with restored_workspace():
         for name in DATASETS:
-            m, seconds = run(args.datasets / name, args.settings)
+            seconds = run_on_archive(args.datasets / name, args.settings)
+            m = json.loads(EVAL_JSON.read_text())
             rows.append(f"| {name} | {m['images']} | {m['accuracy']:.4f} [{m['accuracy_low']:.3f}, "
                         f"{m['accuracy_high']:.3f}] | {read_checkpoint(MODEL).temperature:.3g} | {m['ece_uncalibrated']:.4f} | "
                         f"{m['ece']:.4f} | {m['loss']:.4f} | {m['brier']:.4f} | {seconds:.0f} s |")
             print(rows[-1], flush=True)
-    finally:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
-        subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
     settings = ", ".join(f"`{s}`" for s in args.settings) or "none"
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads: the pipeline with "

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import time
 from datetime import date
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pandas as pd
 import torch
 
 from bench.readme_table import publish
+from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
 from stages.lib.paths import DATA_METRICS, EVAL_JSON, PER_CLASS_CSV
 
@@ -33,11 +32,8 @@ SETTINGS = [("none", "accuracy"), ("balanced", "accuracy"), ("sampler", "accurac
 
 
 def run_experiment(archive: Path, weighting: str, select_on: str) -> tuple[dict, dict, pd.DataFrame, float]:
-    settings = [f"data.url={archive.resolve()}", "data.sha256=null", "strategy=frozen",
-                f"train.class_weighting={weighting}", f"train.select_on={select_on}"]
-    started = time.perf_counter()
-    subprocess.run(["dvc", "exp", "run", *[a for s in settings for a in ("-S", s)]], check=True)
-    seconds = time.perf_counter() - started
+    seconds = run_on_archive(archive, ["strategy=frozen", f"train.class_weighting={weighting}",
+                                       f"train.select_on={select_on}"])
     return (json.loads(EVAL_JSON.read_text()), json.loads(DATA_METRICS.read_text()),
             pd.read_csv(PER_CLASS_CSV).set_index("class"), seconds)
 
@@ -48,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    try:
+    with restored_workspace():
         for weighting, select_on in SETTINGS:
             scores, data, per_class, seconds = run_experiment(args.archive, weighting, select_on)
             totals = {name: sum(data["counts"][split][name] for split in ("train", "val", "test")) for name in per_class.index}
@@ -57,9 +53,6 @@ def main() -> None:
                         f"{scores['macro_f1']:.4f} | {per_class.loc[smallest, 'recall']:.3f} ({smallest}, "
                         f"{per_class.loc[smallest, 'support']} test images) | {seconds:.0f} s |")
             print(rows[-1], flush=True)
-    finally:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
-        subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
     metrics = {"data": data}
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads: "

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import time
 from datetime import date
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pandas as pd
 import torch
 
 from bench.readme_table import publish
+from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
 from stages.lib.paths import DATA_METRICS, LEAK_PAIRS_CSV, LEAKS_JSON
 
@@ -31,10 +30,7 @@ DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
 
 
 def run_leaks(archive: Path) -> tuple[dict, dict, pd.DataFrame, float]:
-    started = time.perf_counter()
-    subprocess.run(["dvc", "exp", "run", "leaks", "-S", f"data.url={archive.resolve()}", "-S", "data.sha256=null"],
-                   check=True)
-    seconds = time.perf_counter() - started
+    seconds = run_on_archive(archive, targets=["leaks"])
     return (json.loads(LEAKS_JSON.read_text()), json.loads(DATA_METRICS.read_text()), pd.read_csv(LEAK_PAIRS_CSV),
             seconds)
 
@@ -53,13 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    try:
+    with restored_workspace():
         for name in DATASETS:
             rows.append(row(name, *run_leaks(args.datasets / name)))
             print(rows[-1], flush=True)
-    finally:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
-        subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads: the leaks stage "
         f"with backbone `{params.model.backbone}`, `leaks.threshold` {params.leaks.threshold}, flat 60/20/20 split "

@@ -1,0 +1,27 @@
+"""For the benchmarks that run DVC experiments in the workspace of a throwaway clone: one
+experiment on an archive, and the clone's params, lock file and outputs restored afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+def run_on_archive(archive: Path, settings: Sequence[str] = (), targets: Sequence[str] = ()) -> float:
+    """`dvc exp run` with `data.url` at the archive (unpinned) and `settings`; its wall seconds."""
+    overrides = [f"data.url={archive.resolve()}", "data.sha256=null", *settings]
+    started = time.perf_counter()
+    subprocess.run(["dvc", "exp", "run", *[a for s in overrides for a in ("-S", s)], *targets], check=True)
+    return time.perf_counter() - started
+
+
+@contextmanager
+def restored_workspace() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
+        subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)
