@@ -32,7 +32,7 @@ def main() -> None:
     RAW_DIR.parent.mkdir(parents=True, exist_ok=True)
     source = local_source(params.url)
     if source is not None and source.is_dir():
-        check_pin_applies(params.url, params.sha256)
+        check_pin_applies(source, params.url, params.sha256)
         with atomic_dir(RAW_DIR) as tmp:
             linked, copied = bring_folder(source, tmp, *caps)
             inner = unpack_inner_archives(tmp, *caps)

@@ -31,7 +31,8 @@ from stages.lib.data import read_split
 from stages.lib.features import split_probabilities
 from stages.lib.files import atomic_path, write_json_atomic
 from stages.lib.inference import calibrate
-from stages.lib.metrics import confused_pairs, confusion_counts, predictions_table, score_predictions, top_losses
+from stages.lib.metrics import (class_curves, confused_pairs, confusion_counts, predictions_table, score_predictions,
+                                top_losses)
 from stages.lib.params import load_params
 from stages.lib.paths import (CLASS_CURVES_PNG, CONFUSED_PAIRS_CSV, CONFUSION_CSV, CONFUSION_PNG, EVAL_JSON, GRID_PNG,
                               MISCLASSIFIED_PNG, MODEL, PER_CLASS_CSV, PREDICTIONS_CSV, RAW_DIR, RELIABILITY_CSV,
@@ -127,9 +128,8 @@ def main() -> None:
     series = {f"temperature {checkpoint.temperature:.3g}": (calibrated, metrics["ece"])}
     if checkpoint.temperature != 1.0:
         series["without temperature"] = reliability_table(raw.numpy(), y_true), metrics["ece_uncalibrated"]
-    save_reliability_diagram({k: v[0] for k, v in series.items()}, {k: v[1] for k, v in series.items()},
-                             RELIABILITY_PNG)
-    save_class_curves(probs.numpy(), y_true, checkpoint.classes, CLASS_CURVES_PNG)
+    save_reliability_diagram(series, RELIABILITY_PNG)
+    save_class_curves(class_curves(probs.numpy(), y_true), checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
     suspects = label_suspects(checkpoint, params)
     write_csv(suspects, TOP_LOSSES_CSV)

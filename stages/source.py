@@ -15,15 +15,14 @@ from stages.lib.cli import run_stage
 from stages.lib.files import write_json_atomic
 from stages.lib.params import load_params
 from stages.lib.paths import SOURCE_JSON
-from stages.lib.sources import check_pin_applies, fingerprint
+from stages.lib.sources import fingerprint
 
 log = logging.getLogger("source")
 
 
 def main() -> None:
     params = load_params().data
-    check_pin_applies(params.url, params.sha256)
-    found = fingerprint(params.url)
+    found = fingerprint(params.url, params.sha256)
     write_json_atomic(SOURCE_JSON, found)
     if found["kind"] == "folder":
         log.info("%s: %d entries, %.1f MB", found["path"], found["entries"], found["bytes"] / 2**20)

@@ -24,11 +24,12 @@ from dvclive import Live
 
 from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
 from stages.lib.bookkeeping import Books, read_resume_state, run_fingerprint
-from stages.lib.calibration import fit_temperature, negative_log_likelihood, softmax
+from stages.lib.calibration import fit_temperature, negative_log_likelihood
 from stages.lib.checkpoint import Checkpoint, save_checkpoint
 from stages.lib.cli import run_stage
 from stages.lib.data import read_classes, read_split
 from stages.lib.features import split_probabilities
+from stages.lib.inference import calibrate
 from stages.lib.files import write_json_atomic
 from stages.lib.params import load_params
 from stages.lib.paths import CURVES_PNG, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON, features_file
@@ -101,7 +102,8 @@ def with_fitted_temperature(checkpoint: Checkpoint, params) -> Checkpoint:
                                         params.train.workers)
     log_probs, y = probs.clamp_min(1e-12).log().numpy(), labels.numpy()
     temperature = fit_temperature(log_probs, y)
-    before, after = negative_log_likelihood(probs.numpy(), y), negative_log_likelihood(softmax(log_probs / temperature), y)
+    before = negative_log_likelihood(probs.numpy(), y)
+    after = negative_log_likelihood(calibrate(probs, temperature).numpy(), y)
     log.info("temperature %.4g fitted on the val split: NLL %.4f -> %.4f", temperature, before, after)
     return replace(checkpoint, temperature=temperature)
 

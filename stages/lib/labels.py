@@ -19,7 +19,7 @@ import pandas as pd
 
 from stages.lib.cli import UserError
 from stages.lib.images import is_image_name
-from stages.lib.layouts import SPLIT_SYNONYMS, Candidate, files_under, is_litter
+from stages.lib.layouts import SPLIT_SYNONYMS, Candidate, files_under
 from stages.lib.params import IndexParams
 
 log = logging.getLogger("index")
@@ -30,19 +30,20 @@ LABEL_NAMES = ("label", "labels", "class", "class_name", "category", "target", "
 SPLIT_NAMES = ("split", "subset", "set", "partition")
 
 
-def find_labels_csv(raw: Path, name: str) -> Path:
+def find_labels_csv(raw: Path, name: str, files: list[Path]) -> Path:
+    """The CSV `index.labels` names: its path under `raw`, or the one file of that name in `files`."""
     if "/" in name or "\\" in name:
         path = raw / name.replace("\\", "/")
         if not path.is_file():
             raise UserError(f"index.labels: {path} not found; give the CSV's path under {raw}/ or just its name")
         return path
-    found = [p for p in files_under(raw) if p.name == name]
+    found = [p for p in files if p.name == name]
     if len(found) == 1:
         return found[0]
     if found:
         raise UserError(f"index.labels: {len(found)} files named {name} under {raw}/ "
                         f"({', '.join(p.relative_to(raw).as_posix() for p in found[:4])}); give the one's path")
-    others = [p.relative_to(raw).as_posix() for p in files_under(raw) if p.suffix.lower() in (".csv", ".tsv", ".txt")]
+    others = [p.relative_to(raw).as_posix() for p in files if p.suffix.lower() in (".csv", ".tsv", ".txt")]
     hint = f"CSV files there: {', '.join(others[:5])}" if others else "there is no CSV file there"
     raise UserError(f"index.labels: no file named {name} under {raw}/ ({hint}); fix index.labels")
 
@@ -104,11 +105,11 @@ def canonical_split(value: str, row: int, source: Path) -> str:
 class FileFinder:
     """A row's file: relative to the CSV's folder, to data/raw/, or by its name alone when unique."""
 
-    def __init__(self, raw: Path, folder: Path):
+    def __init__(self, raw: Path, folder: Path, files: list[Path]):
         self.raw, self.folder = raw, folder
         self.by_name: dict[str, list[Path]] = defaultdict(list)
-        for f in files_under(folder):
-            if is_image_name(f):
+        for f in files:
+            if f.is_relative_to(folder) and is_image_name(f):
                 self.by_name[f.name].append(f)
                 self.by_name[f.stem].append(f)
 
@@ -128,12 +129,13 @@ class FileFinder:
 
 def list_labelled_images(raw: Path, params: IndexParams) -> tuple[str, list[str], list[Candidate], list[dict], int]:
     """(layout, classes, candidates, skipped, images under data/raw/ the CSV does not list)."""
-    source = find_labels_csv(raw, params.labels)
+    files = list(files_under(raw))  # one walk of the data serves every lookup below
+    source = find_labels_csv(raw, params.labels, files)
     table = read_table(source)
     path_column, label_column, split_column = detect_columns(table, params, source)
     log.info("labels from %s: paths in '%s', labels in '%s'%s", source.relative_to(raw).as_posix(), path_column,
              label_column, f", splits in '{split_column}'" if split_column else "")
-    finder = FileFinder(raw, source.parent)
+    finder = FileFinder(raw, source.parent, files)
     relative = lambda p: p.relative_to(raw).as_posix()  # noqa: E731
     rows: dict[str, list[tuple[int, str, str | None]]] = defaultdict(list)
     skipped = []
@@ -158,7 +160,7 @@ def list_labelled_images(raw: Path, params: IndexParams) -> tuple[str, list[str]
         images.append(Candidate(path, label, split))
         skipped += [{"path": path, "reason": f"listed again in {source.name} (row {n})"} for n, _, _ in entries[1:]]
     listed = {im.path for im in images} | {s["path"] for s in skipped}
-    unlisted = [f for f in files_under(raw) if is_image_name(f) and relative(f) not in listed and not is_litter(f.name)]
+    unlisted = [f for f in files if is_image_name(f) and relative(f) not in listed]
     if unlisted:
         log.info("%d images under %s/ are not in %s and were left out (the first: %s)", len(unlisted), raw,
                  source.name, relative(unlisted[0]))

@@ -56,48 +56,52 @@ def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[s
         "loss": loss,
         "images": int(len(y_true)),
     }
-    auc, ap = one_vs_rest_areas(probs.numpy(), y_true)
+    curves = class_curves(probs.numpy(), y_true)
     per_class = pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1,
-                              "support": support.astype(int), "roc_auc": auc, "average_precision": ap})
+                              "support": support.astype(int),
+                              "roc_auc": [curves[c]["auc"] if c in curves else None for c in range(len(classes))],
+                              "average_precision": [curves[c]["ap"] if c in curves else None
+                                                    for c in range(len(classes))]})
     return headline, per_class
+
+
+def positives_per_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At every distinct score, highest first, taken as the threshold: how many items are called
+    positive, and how many of those truly are (ties move together)."""
+    order = np.argsort(-scores, kind="stable")
+    last_of_tie = np.r_[np.nonzero(np.diff(scores[order]))[0], len(scores) - 1]
+    return last_of_tie + 1, np.cumsum(positive[order])[last_of_tie]
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every threshold, as scikit-learn's roc_curve
-    (drop_intermediate=False): ties move together."""
-    order = np.argsort(-scores, kind="stable")
-    scores, positive = scores[order], positive[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
-    tp = np.cumsum(positive)[last_of_tie]
-    fp = (last_of_tie + 1) - tp
+    (drop_intermediate=False)."""
+    called, tp = positives_per_threshold(scores, positive)
+    fp = called - tp
     return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
 
 
 def precision_recall_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at every threshold, highest threshold first."""
-    order = np.argsort(-scores, kind="stable")
-    scores, positive = scores[order], positive[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
-    tp = np.cumsum(positive)[last_of_tie]
-    return tp / (last_of_tie + 1), tp / max(positive.sum(), 1)
+    called, tp = positives_per_threshold(scores, positive)
+    return tp / called, tp / max(positive.sum(), 1)
 
 
-def one_vs_rest_areas(probs: np.ndarray, y_true: np.ndarray) -> tuple[list, list]:
-    """Per class: the area under its one-vs-rest ROC curve and its average precision (as
-    scikit-learn's roc_auc_score and average_precision_score); None for a class absent from the
-    test split, or the only one there."""
-    auc, ap = [], []
+def class_curves(probs: np.ndarray, y_true: np.ndarray) -> dict[int, dict]:
+    """Per class with both positives and negatives in the split: its one-vs-rest ROC and
+    precision-recall curves, the area under the first and the average precision (as
+    scikit-learn's roc_auc_score and average_precision_score)."""
+    curves = {}
     for c in range(probs.shape[1]):
         positive = (y_true == c).astype(int)
         if positive.sum() in (0, len(positive)):
-            auc.append(None)
-            ap.append(None)
             continue
         fpr, tpr = roc_curve(probs[:, c], positive)
-        auc.append(float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)))  # the trapezoid rule
         precision, recall = precision_recall_curve(probs[:, c], positive)
-        ap.append(float(np.sum(np.diff(np.r_[0, recall]) * precision)))
-    return auc, ap
+        curves[c] = {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall,
+                     "auc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)),  # the trapezoid rule
+                     "ap": float(np.sum(np.diff(np.r_[0, recall]) * precision))}
+    return curves
 
 
 def top_losses(rows: pd.DataFrame, probs: torch.Tensor, classes: list[str], count: int) -> pd.DataFrame:

@@ -130,19 +130,14 @@ def save_titled_arrays(images: Sequence[np.ndarray], titles: Sequence[str], path
     save_figure(figure, path)
 
 
-def save_class_curves(probs: np.ndarray, y_true: np.ndarray, classes: list[str], path: Path) -> None:
-    """One-vs-rest ROC and precision-recall curves, a line per class, its area in the legend."""
-    from stages.lib.metrics import one_vs_rest_areas, precision_recall_curve, roc_curve
-
-    auc, ap = one_vs_rest_areas(probs, y_true)
+def save_class_curves(curves: dict[int, dict], classes: list[str], path: Path) -> None:
+    """One-vs-rest ROC and precision-recall curves (metrics.class_curves), a line per class, its
+    area in the legend."""
     figure, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for c, name in enumerate(classes):
-        if auc[c] is None:
-            continue
-        positive = (y_true == c).astype(int)
-        roc_ax.plot(*roc_curve(probs[:, c], positive), label=f"{name} (AUC {auc[c]:.3f})")
-        precision, recall = precision_recall_curve(probs[:, c], positive)
-        pr_ax.step(np.r_[0, recall], np.r_[1, precision], where="post", label=f"{name} (AP {ap[c]:.3f})")
+    for c, curve in curves.items():
+        roc_ax.plot(curve["fpr"], curve["tpr"], label=f"{classes[c]} (AUC {curve['auc']:.3f})")
+        pr_ax.step(np.r_[0, curve["recall"]], np.r_[1, curve["precision"]], where="post",
+                   label=f"{classes[c]} (AP {curve['ap']:.3f})")
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one class vs the rest (test)")
     pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall, one class vs the rest (test)",
@@ -153,15 +148,16 @@ def save_class_curves(probs: np.ndarray, y_true: np.ndarray, classes: list[str],
     save_figure(figure, path)
 
 
-def save_reliability_diagram(tables: dict[str, list[dict]], eces: dict[str, float], path: Path) -> None:
-    """Accuracy against mean confidence per confidence bin, one series per table (before and
-    after temperature scaling), the diagonal a perfectly calibrated model would follow."""
+def save_reliability_diagram(series: dict[str, tuple[list[dict], float]], path: Path) -> None:
+    """Accuracy against mean confidence per confidence bin, one series per name (before and
+    after temperature scaling: its reliability table and ECE), the diagonal a perfectly
+    calibrated model would follow."""
     figure, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
-    for (name, rows), marker in zip(tables.items(), ("o", "s")):
+    for (name, (rows, ece)), marker in zip(series.items(), ("o", "s")):
         used = [r for r in rows if r["images"]]
         ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], marker=marker,
-                label=f"{name} (ECE {eces[name]:.3f})")
+                label=f"{name} (ECE {ece:.3f})")
         for r in used:
             ax.annotate(str(r["images"]), (r["confidence"], r["accuracy"]), fontsize=7, alpha=0.6,
                         xytext=(3, -9), textcoords="offset points")

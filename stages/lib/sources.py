@@ -57,16 +57,17 @@ def folder_entries(folder: Path):
             yield path.relative_to(folder).as_posix(), path
 
 
-def check_pin_applies(url: str, sha256: str | None) -> None:
-    path = local_source(url)
+def check_pin_applies(path: Path | None, url: str, sha256: str | None) -> None:
+    """A sha256 pin names an archive's bytes: refused on the folder `path` (local_source(url))."""
     if sha256 is not None and path is not None and path.is_dir():
         raise UserError(f"params.yaml: data.sha256 pins an archive, but data.url {url} is a folder; "
                         "set data.sha256 to null")
 
 
-def fingerprint(url: str) -> dict:
+def fingerprint(url: str, sha256: str | None) -> dict:
     """What the download stage's result depends on, read without the network."""
     path = local_source(url)
+    check_pin_applies(path, url, sha256)
     if path is None:
         return {"kind": "url", "url": url}
     if path.is_file():
