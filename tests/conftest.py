@@ -13,6 +13,27 @@ from PIL import Image
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_servers(tmp_path_factory):
+    """The warm stage servers (stages/lib/warm.py) that `python -m stages` runs in the tests leave
+    behind live in a folder of this session's, and are stopped with it."""
+    import os
+
+    from stages.lib.warm import stop_servers
+
+    folder = tmp_path_factory.mktemp("warm")
+    folder.chmod(0o700)
+    saved = {name: os.environ.get(name) for name in ("DVC_TRANSFER_WARM_DIR", "DVC_TRANSFER_WARM_IDLE")}
+    os.environ.update(DVC_TRANSFER_WARM_DIR=str(folder), DVC_TRANSFER_WARM_IDLE="300")
+    yield folder
+    stop_servers()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
