@@ -30,9 +30,11 @@ from stages.lib.cli import run_stage
 from stages.lib.data import read_classes, read_split
 from stages.lib.features import split_probabilities
 from stages.lib.inference import calibrate
-from stages.lib.files import write_json_atomic
+from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.head_search import Trial, search_table, winner
 from stages.lib.params import load_params
-from stages.lib.paths import CURVES_PNG, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON, features_file
+from stages.lib.paths import (CURVES_PNG, HEAD_SEARCH_CSV, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON,
+                              features_file)
 from stages.lib.plots import save_learning_curves
 from stages.lib.runtime import pick_device, start_distributed, stop_distributed, stop_on_sigterm
 from stages.lib.training import Model, Run, make_run, plan_for, train_model
@@ -51,13 +53,15 @@ def train_with_records(plan, model: Model, run: Run, classes: list[str], prep: P
     with (Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if run.rank == 0 else nullcontext()) as live:
         books = Books(params, classes, prep, pretrained_sha256, run.timing, live, fingerprint)
         try:
-            train_model(plan, model, books, run, prep, pretrained_sha256, resumed)
+            trials = train_model(plan, model, books, run, prep, pretrained_sha256, resumed)
         except KeyboardInterrupt:
             books.save_best()
             log.error("interrupted: %s keeps the best epoch so far (%s)", MODEL,
                       books.best.epoch if books.best else "none yet")
             sys.exit(130)
         books.save_best()
+        if run.rank == 0:
+            write_search_table(trials, params.train.select_on)
         if live is not None:
             # The final summary is the best epoch's val scores, flat: what `dvc exp show` prints
             # (DVCLive adds `step`); every epoch's values stay in its plots.
@@ -65,6 +69,13 @@ def train_with_records(plan, model: Model, run: Run, classes: list[str], prep: P
             live.summary = {"best_epoch": best.epoch, "val_accuracy": best.val_acc, "val_macro_f1": best.val_f1,
                             "val_loss": best.val_loss, "step": live.summary.get("step", live.step)}
     return books
+
+
+def write_search_table(trials: list[Trial], select_on: str) -> None:
+    """The head settings tried, the one trained marked (a header only without a head phase)."""
+    with atomic_path(HEAD_SEARCH_CSV) as tmp:
+        search_table(trials, winner(trials, select_on) if trials else None).to_csv(tmp, index=False,
+                                                                                  lineterminator="\n")
 
 
 def main() -> None:

@@ -128,6 +128,7 @@ class TrainParams(Strict):
     select_on: Literal["accuracy", "macro_f1"]
     freeze_bn: bool
     patience: Annotated[int, Field(ge=0)]
+    head_search: bool
     seed: int
     workers: Annotated[int, Field(ge=0)]
     amp: bool

@@ -21,6 +21,7 @@ MODEL = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
 LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json and per-epoch plots
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
+HEAD_SEARCH_CSV = LIVE_DIR / "head_search.csv"  # the head settings tried (lib/head_search.py)
 TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
 
 LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicates across splits: their count

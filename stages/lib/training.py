@@ -22,6 +22,7 @@ from stages.lib.classifier import Classifier, build_classifier, head_config, mak
 from stages.lib.cli import UserError
 from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
 from stages.lib.features import read_head_features
+from stages.lib.head_search import Trial, search_head, winner, with_head_setting
 from stages.lib.inference import feature_probabilities, loader_probabilities
 from stages.lib.metrics import val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
@@ -286,6 +287,19 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
 # is one (dvc.yaml), so a run killed by SIGKILL or a power cut finds it when `dvc repro` runs
 # again, and continues after its last completed epoch if params and inputs are the same.
 
+def early_stopped(epochs, patience: int, select_on: str):
+    """The epochs, up to `patience` epochs without a better val score (0: all of them)."""
+    best, stale = None, 0
+    for result, state in epochs:
+        yield result, state
+        if result.beats(best, select_on):
+            best, stale = result, 0
+        else:
+            stale += 1
+        if patience and stale >= patience:
+            return
+
+
 def follow(epochs, books: Books, model: Model, patience: int) -> None:
     """Record a phase's (result, resume state) pairs, stopping early after `patience` epochs
     without a better val score (0: never)."""
@@ -300,19 +314,40 @@ def follow(epochs, books: Books, model: Model, patience: int) -> None:
             return
 
 
-def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, resumed: dict | None) -> None:
-    """A new head on the cached features; or, resuming, the head the interrupted run left."""
+def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, resumed: dict | None) -> list[Trial]:
+    """A new head on the cached features; or, resuming, the head the interrupted run left.
+    Returns the head settings tried (lib/head_search.py): the grid with train.head_search, else
+    the one setting of params.yaml."""
     p = run.params
     train_features, val_features = read_head_features(pretrained_sha256)
     width = train_features["features"].shape[-1]
-    model.head = make_head(width, len(books.classes), **head_config(p.model))
+
+    def new_head() -> nn.Module:
+        return make_head(width, len(books.classes), **head_config(p.model))
+
+    def fit(head: nn.Module, head_run: Run):
+        return early_stopped(fit_head(head, train_features, val_features, head_run, 1), p.train.patience,
+                             p.train.select_on)
+
+    trials = search_head(new_head, fit, run) if p.train.head_search else []
+    if trials:
+        chosen = winner(trials, p.train.select_on)
+        log.info("head search: lr %.3g, weight decay %.3g of %d settings (val %s %.4f, loss %.4f)", chosen.lr,
+                 chosen.weight_decay, len(trials), p.train.select_on, chosen.best.score(p.train.select_on),
+                 chosen.best.val_loss)
+        run = with_head_setting(run, chosen.lr, chosen.weight_decay)
+    model.head = new_head()
     if resumed is not None:
         books.resume(resumed)
         model.load_state_dict(resumed["model"])
-        return
-    follow(fit_head(model.head, train_features, val_features, run, 1), books, model, p.train.patience)
-    books.restore_best(model)
-    books.save_resume_state(model)
+    else:
+        follow(fit_head(model.head, train_features, val_features, run, 1), books, model, p.train.patience)
+        books.restore_best(model)
+        books.save_resume_state(model)
+    head_epochs = [Trial(p.train.lr, p.train.weight_decay, r) for r in books.history if r.phase == "head"]
+    if trials or not head_epochs:
+        return trials
+    return [winner(head_epochs, p.train.select_on)]  # the one setting, with its best head epoch
 
 
 def network_phase(model: Model, books: Books, run: Run, prep: Preprocessing, plan: Plan,
@@ -344,9 +379,10 @@ def network_phase(model: Model, books: Books, run: Run, prep: Preprocessing, pla
 
 
 def train_model(plan: Plan, model: Model, books: Books, run: Run, prep: Preprocessing, pretrained_sha256: str,
-                resumed: dict | None) -> None:
-    """The phases the plan asks for; models/model.pt holds the best epoch after each improvement."""
-    if plan.head_first:
-        head_phase(model, books, run, pretrained_sha256, resumed)
+                resumed: dict | None) -> list[Trial]:
+    """The phases the plan asks for; models/model.pt holds the best epoch after each improvement.
+    Returns the head settings tried (none without a head phase)."""
+    trials = head_phase(model, books, run, pretrained_sha256, resumed) if plan.head_first else []
     if plan.network:
         network_phase(model, books, run, prep, plan, resumed)
+    return trials
