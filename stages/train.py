@@ -4,7 +4,11 @@ Strategies (the top-level param `strategy`, read once by lib/training.plan_for):
 - frozen:   the pretrained backbone is never touched; a new head trains on cached features;
 - finetune: that head first (`train.head_epochs`, 0 to skip it as the recipe does), then every
             layer, the backbone at `train.lr * train.backbone_lr_mult`;
-- scratch:  the same architecture from random weights, every layer from the start.
+- scratch:  the same architecture from random weights, every layer from the start;
+- auto:     finetune's phases, but a network epoch becomes the model only if it is significantly
+            better than the head on the val split (McNemar's exact test), and the network phase
+            stops at the first epoch whose val score does not improve on the phase's best so far:
+            where the pretrained features suffice, the head stays.
 
 The best epoch by val accuracy (ties: lower val loss) is written to models/model.pt each time it
 improves, atomically, so an interrupted run leaves the last good checkpoint; a killed run

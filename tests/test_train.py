@@ -84,10 +84,11 @@ def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs,
 
 
 @pytest.mark.parametrize("strategy, head_epochs, expected", [
-    ("frozen", 3, (True, False, True, 0.0, 0.01)),
-    ("finetune", 3, (True, True, True, 0.001, 0.001)),  # the warm head moves as gently as the backbone
-    ("finetune", 0, (False, True, True, 0.001, 0.01)),  # the recipe's cold start
-    ("scratch", 3, (False, True, False, 0.01, 0.01)),
+    ("frozen", 3, (True, False, True, 0.0, 0.01, False)),
+    ("finetune", 3, (True, True, True, 0.001, 0.001, False)),  # the warm head moves as gently as the backbone
+    ("finetune", 0, (False, True, True, 0.001, 0.01, False)),  # the recipe's cold start
+    ("scratch", 3, (False, True, False, 0.01, 0.01, False)),
+    ("auto", 3, (True, True, True, 0.001, 0.001, True)),  # finetune's plan, network epochs gated on val
 ])
 def test_what_each_strategy_trains(project, strategy, head_epochs, expected):
     from dataclasses import astuple
@@ -307,3 +308,79 @@ def test_a_leftover_state_of_other_params_or_a_finished_run_is_not_resumed(proje
     assert read_resume_state("of these params") is None  # finished: dvc repro -f trains afresh
     (root / TRAIN_STATE).write_bytes(b"truncated")
     assert read_resume_state("of these params") is None and "unreadable" in caplog.text
+
+
+def test_partial_finetuning_leaves_the_early_layers_as_pretrained(tiny_project):
+    from stages.lib.training import freeze_early_weights
+
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "trainable_fraction": 0.5,
+                                                    "freeze_bn": False})
+    train.main()
+    checkpoint = read_checkpoint(root / "models/model.pt")
+    assert checkpoint.metrics["phase"] == "network"
+    backbone = checkpoint.classifier().backbone
+    trainable, total = freeze_early_weights(backbone, 0.5)
+    assert 0 < trainable < total
+    frozen_modules = [name for name, module in backbone.named_modules()
+                      if any(True for _ in module.parameters(recurse=False))
+                      and not any(w.requires_grad for w in module.parameters(recurse=False))]
+    pretrained, trained = backbone_state(root), backbone.state_dict()
+    frozen = [k for k in pretrained if k.rsplit(".", 1)[0] in frozen_modules]  # weights and BatchNorm statistics
+    moved = [k for k in pretrained if not torch.equal(trained[k], pretrained[k])]
+    assert frozen and all(torch.equal(trained[k], pretrained[k]) for k in frozen)
+    assert moved and not set(moved) & set(frozen)
+
+
+def test_the_network_trains_on_crops_of_train_image_size_and_validates_at_the_backbone_size(tiny_project):
+    from stages.lib.backbones import Preprocessing
+    from stages.lib.params import load_params
+    from stages.lib.training import make_run, network_loaders
+
+    tiny_project(strategy="finetune", train={"image_size": 96, "workers": 0})
+    params = load_params()
+    prep = Preprocessing.from_dict(torch.load("models/pretrained.pt", weights_only=True)["preprocessing"])
+    _, train_loader, val_loader = network_loaders(make_run(params, torch.device("cpu"), torch.tensor([0, 1]), 2), prep)
+    assert next(iter(train_loader))[0].shape[-2:] == (96, 96)
+    assert next(iter(val_loader))[0].shape[-2:] == (prep.input_size, prep.input_size) != (96, 96)
+
+
+def test_a_network_epoch_pays_only_when_significantly_better_than_the_head_on_val():
+    from stages.lib.training import pays_on_val
+
+    head = [True] * 40 + [False] * 10
+    assert not pays_on_val(head, head)
+    assert not pays_on_val(head, [True] * 42 + [False] * 8)  # 2 more right: p = 0.5
+    assert pays_on_val(head, [True] * 50)  # 10 more right, none lost: p = 0.002
+    assert not pays_on_val(head, [False] * 10 + [True] * 30 + [True] * 10)  # 10 gained, 10 lost
+
+
+@pytest.mark.parametrize("network_pays", [False, True])
+def test_auto_keeps_the_head_unless_the_network_pays_on_val(tiny_project, monkeypatch, network_pays):
+    from stages.lib import training
+
+    root = tiny_project(strategy="auto", train={"head_epochs": 2, "epochs": 3})
+    monkeypatch.setattr(training, "pays_on_val", lambda head, right: network_pays)
+    train.main()
+    steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
+    checkpoint = read_checkpoint(root / "models/model.pt")
+    def column(name):
+        rows = (root / f"metrics/train/plots/metrics/val/{name}.tsv").read_text().strip().splitlines()[1:]
+        return [float(row.split("\t")[-1]) for row in rows]
+
+    # The phase goes on while its own val score improves (accuracy, then lower loss), and stops at
+    # the first epoch that does not (or after train.epochs), whether or not epochs pay.
+    scores = list(zip(column("acc"), [-loss for loss in column("loss")]))
+    head_best, best = max(scores[:2]), None
+    network_epochs = 0
+    for score in scores[2:]:
+        network_epochs += 1
+        if best is not None and score <= best:
+            break
+        best = score if best is None else max(best, score)
+    best = max(best, head_best)
+    assert len(steps) == 1 + len(scores) == 1 + 2 + network_epochs and 1 <= network_epochs <= 3
+    if network_pays:
+        assert (checkpoint.metrics["val_acc"], -checkpoint.metrics["val_loss"]) == pytest.approx(best)
+    else:  # no network epoch becomes the model: the head's best stays, on the cached features
+        assert checkpoint.metrics["phase"] == "head" and checkpoint.pretrained_backbone_sha256 is not None
+        assert (checkpoint.metrics["val_acc"], -checkpoint.metrics["val_loss"]) == pytest.approx(head_best)

@@ -67,6 +67,7 @@ class Books:
         self.best: EpochResult | None = None
         self.best_state: dict | None = None  # the best epoch's state while it is not yet on disk
         self.best_checkpoint: Checkpoint | None = None  # what models/model.pt holds
+        self.head_val_right: list[bool] | None = None  # per val image, right under the head phase's best
 
     def checkpoint(self, state_dict: dict, best: EpochResult) -> Checkpoint:
         # While the best epoch is a head epoch, the backbone is still exactly the pretrained file's.
@@ -86,13 +87,16 @@ class Books:
         self.live.log_metric("lr", result.lr)
         self.live.next_step()
 
-    def record(self, result: EpochResult, model) -> None:
+    def record(self, result: EpochResult, model, eligible: bool = True) -> None:
+        """Log an epoch; it becomes the best if it beats the best so far and is `eligible`
+        (strategy auto: a network epoch significantly better than the head on val)."""
         self.history.append(result)
         self.log_epoch(result)
-        improved = result.beats(self.best, self.params.train.select_on)
+        improved = eligible and result.beats(self.best, self.params.train.select_on)
+        note = " | best so far" if improved else "" if eligible else " | not significantly better than the head on val"
         log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e%s",
                  result.epoch, result.phase, result.train_loss, result.train_acc, result.val_loss, result.val_acc,
-                 result.val_f1, result.lr, " | best so far" if improved else "")
+                 result.val_f1, result.lr, note)
         if improved:
             self.best, self.best_state = result, model.state_dict()
             # Head epochs take milliseconds: their best is written once, when the phase ends.
@@ -120,7 +124,7 @@ class Books:
         if not complete:
             state.update(history=[asdict(r) for r in self.history], best_checkpoint=self.best_checkpoint.to_dict(),
                          model=model.state_dict(), network=network, rng=torch.get_rng_state(),
-                         timing=dict(self.timing))
+                         timing=dict(self.timing), head_val_right=self.head_val_right)
         save_torch_atomic(TRAIN_STATE, state)
 
     def resume(self, state: dict) -> None:
@@ -135,6 +139,7 @@ class Books:
         if self.writes:
             save_checkpoint(MODEL, self.best_checkpoint)
         self.timing.update(state["timing"])
+        self.head_val_right = state.get("head_val_right")
         log.info("resuming an interrupted run after epoch %d (best so far: epoch %d)",
                  self.history[-1].epoch, self.best.epoch)
 

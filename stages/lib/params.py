@@ -127,6 +127,8 @@ class TrainParams(Strict):
     class_weighting: Literal["none", "balanced", "sampler"]
     select_on: Literal["accuracy", "macro_f1"]
     freeze_bn: bool
+    trainable_fraction: Annotated[float, Field(gt=0, le=1)]
+    image_size: Annotated[int, Field(ge=32)] | None
     patience: Annotated[int, Field(ge=0)]
     head_search: bool
     seed: int
@@ -143,7 +145,7 @@ class EvaluateParams(Strict):
 
 
 class Params(Strict):
-    strategy: Literal["frozen", "finetune", "scratch"]
+    strategy: Literal["auto", "frozen", "finetune", "scratch"]
     data: DataParams
     index: IndexParams
     model: ModelParams
@@ -155,7 +157,8 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def strategy_has_epochs(self) -> "Params":
-        needs = {"frozen": ("head_epochs",), "finetune": ("epochs",), "scratch": ("epochs",)}
+        needs = {"auto": ("head_epochs", "epochs"), "frozen": ("head_epochs",), "finetune": ("epochs",),
+                 "scratch": ("epochs",)}
         for key in needs[self.strategy]:
             if getattr(self.train, key) < 1:
                 raise ValueError(f"strategy {self.strategy} needs train.{key} >= 1")

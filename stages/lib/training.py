@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from stages.lib.metrics import val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
 from stages.lib.params import Params
 from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
+from stages.lib.significance import mcnemar_exact
 
 log = logging.getLogger("train")
 
@@ -40,6 +41,9 @@ class Plan:
     pretrained: bool  # the network starts from the pretrained backbone (else random weights)
     backbone_lr: float  # the network phase's learning rates
     head_lr: float
+    # auto: a network epoch counts only if it is significantly better than the head on val, and
+    # the network phase stops at the first epoch that is not a new best
+    gated: bool = False
 
 
 def plan_for(params: Params, has_pretrained: bool) -> Plan:
@@ -53,7 +57,8 @@ def plan_for(params: Params, has_pretrained: bool) -> Plan:
         return Plan(head_first=False, network=True, pretrained=False, backbone_lr=lr, head_lr=lr)
     warm = params.train.head_epochs > 0
     # A head trained on the features first should move as gently as the backbone under it.
-    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult, head_lr=lr * mult if warm else lr)
+    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult, head_lr=lr * mult if warm else lr,
+                gated=params.strategy == "auto")
 
 
 @dataclass
@@ -209,18 +214,38 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
         yield EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr), None
 
 
-def keep_batchnorm_statistics(module: nn.Module) -> None:
-    """Put every BatchNorm in eval mode: with a few hundred images and small batches, batch
-    statistics are noisy, and the pretrained running statistics are what the head was fit to."""
+def keep_batchnorm_statistics(module: nn.Module, frozen_only: bool = False) -> None:
+    """Put every BatchNorm in eval mode (or only those whose weights do not train): with a few
+    hundred images and small batches, batch statistics are noisy, and the pretrained running
+    statistics are what the head was fit to."""
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.eval()
+            if not frozen_only or not any(w.requires_grad for w in layer.parameters()):
+                layer.eval()
+
+
+def freeze_early_weights(backbone: nn.Module, trainable_fraction: float) -> tuple[int, int]:
+    """Only the last `trainable_fraction` of the backbone's weights (by count, in layer order)
+    train. The input needs no gradient, so autograd's graph starts at the first trainable layer:
+    the frozen ones before it run forward only, which is most of the saving, since a CNN's early
+    layers hold few weights but work at the highest resolution. Returns (trainable, all) tensors."""
+    weights = list(backbone.parameters())
+    total = sum(w.numel() for w in weights)
+    frozen_until = (1 - trainable_fraction) * total
+    seen = 0
+    for weight in weights:
+        seen += weight.numel()
+        weight.requires_grad_(seen > frozen_until or trainable_fraction >= 1)
+    return sum(w.requires_grad for w in weights), len(weights)
 
 
 def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object, object]:
-    """The train split's sampler and loader (augmented, shuffled per epoch), and the val loader."""
+    """The train split's sampler and loader (augmented, shuffled per epoch, crops of
+    train.image_size), and the val loader (the backbone's own size, as test and predict)."""
     p, pin = run.params.train, run.device.type == "cuda"
-    train_set = ImageDataset(read_split("train"), train_transform(prep, run.params.augment), decode_size(prep, True), p.seed)
+    crops = replace(prep, input_size=p.image_size or prep.input_size)
+    train_set = ImageDataset(read_split("train"), train_transform(crops, run.params.augment), decode_size(prep, True),
+                             p.seed)
     val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
     # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
     weights = None
@@ -237,7 +262,7 @@ def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoc
     """The backbone and the head as two groups at the plan's learning rates; as they were when
     resuming."""
     p = run.params.train
-    groups = [{"params": model.backbone.parameters(), "lr": plan.backbone_lr},
+    groups = [{"params": [w for w in model.backbone.parameters() if w.requires_grad], "lr": plan.backbone_lr},
               {"params": model.head.parameters(), "lr": plan.head_lr}]
     optimizer = build_optimizer(groups, p)
     opt = Optimization(optimizer, build_scheduler(optimizer, p, steps_per_epoch, p.epochs), grad_scaler(run.device, p.amp))
@@ -250,7 +275,8 @@ def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoc
 
 def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, first_epoch: int,
                 resume: dict | None = None):
-    """Train every layer on images; yields (EpochResult, state to resume from) per epoch.
+    """Train every layer on images; yields (EpochResult, state to resume from, per val image
+    whether it was right) per epoch.
 
     `resume` is such a state: the optimizer, scheduler and scaler continue where they were, and
     the epochs already done are skipped (each epoch's order and augmentations depend only on the
@@ -267,8 +293,7 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     for i in range(resume["epochs_done"] if resume is not None else 0, p.epochs):
         sampler.set_epoch(i)
         runner.train()
-        if p.freeze_bn:
-            keep_batchnorm_statistics(model.backbone)
+        keep_batchnorm_statistics(model.backbone, frozen_only=not p.freeze_bn)
         lr = opt.lr()
         train_loss, train_acc = train_one_epoch(runner, train_loader, opt, run, first_epoch + i, on_images=True)
         started = time.perf_counter()
@@ -279,7 +304,8 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
         run.timing["validate"] += time.perf_counter() - started
         state = {"epochs_done": i + 1, "optimizer": opt.optimizer.state_dict(),
                  "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
-        yield EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr), state
+        result = EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr)
+        yield result, state, (probs.argmax(1) == labels).tolist()
 
 
 # --- the phases, with their records ----------------------------------------------------------
@@ -300,15 +326,25 @@ def early_stopped(epochs, patience: int, select_on: str):
             return
 
 
-def follow(epochs, books: Books, model: Model, patience: int) -> None:
-    """Record a phase's (result, resume state) pairs, stopping early after `patience` epochs
-    without a better val score (0: never)."""
-    stale = 0
-    for result, state in epochs:
-        books.record(result, model)
+def pays_on_val(head_right: list[bool], right: list[bool]) -> bool:
+    """Whether a network epoch is significantly better than the head on the val split: more
+    images right that the head got wrong than the reverse, McNemar's exact test at p < 0.05."""
+    only_head = sum(h and not r for h, r in zip(head_right, right))
+    only_network = sum(r and not h for h, r in zip(head_right, right))
+    return only_network > only_head and mcnemar_exact(only_head, only_network) < 0.05
+
+
+def follow(epochs, books: Books, model: Model, patience: int, gate=None) -> None:
+    """Record a phase's (result, resume state[, val answers]) tuples, stopping early after
+    `patience` epochs without a better val score (0: never). With `gate`, an epoch can become the
+    best only if gate(its val answers) holds, and progress is measured against the phase's own
+    epochs (the first, still warming up, may trail the head)."""
+    stale, best_seen = 0, None if gate else books.best
+    for result, state, *answers in epochs:
+        books.record(result, model, eligible=gate is None or gate(answers[0]))
         if state is not None:
             books.save_resume_state(model, network=state)
-        stale = 0 if result is books.best else stale + 1
+        best_seen, stale = (result, 0) if result.beats(best_seen, books.params.train.select_on) else (best_seen, stale + 1)
         if patience and stale >= patience:
             log.info("no better val score for %d epochs: stopping this phase early", stale)
             return
@@ -343,6 +379,8 @@ def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, res
     else:
         follow(fit_head(model.head, train_features, val_features, run, 1), books, model, p.train.patience)
         books.restore_best(model)
+        probs = feature_probabilities(model.head, val_features, p.model.tta)
+        books.head_val_right = (probs.argmax(1) == val_features["labels"]).tolist()
         books.save_resume_state(model)
     head_epochs = [Trial(p.train.lr, p.train.weight_decay, r) for r in books.history if r.phase == "head"]
     if trials or not head_epochs:
@@ -368,14 +406,23 @@ def network_phase(model: Model, books: Books, run: Run, prep: Preprocessing, pla
             books.resume(resumed)
         network.load_state_dict(resumed["model"])
     model.head, model.backbone = network.head, network.backbone
+    if plan.pretrained and p.train.trainable_fraction < 1:
+        trainable, weights = freeze_early_weights(network.backbone, p.train.trainable_fraction)
+        log.info("the last %d of the backbone's %d weight tensors train (train.trainable_fraction %g)", trainable,
+                 weights, p.train.trainable_fraction)
     network.to(run.device)
     if p.train.channels_last:
         network.to(memory_format=torch.channels_last)
     first_epoch = (p.train.head_epochs if plan.head_first else 0) + 1
     if resumed is not None and resumed["network"] is not None:
         torch.set_rng_state(resumed["rng"])  # as it was after the last completed epoch
-    follow(fit_network(network, run, prep, plan, first_epoch, resumed["network"] if resumed is not None else None),
-           books, model, p.train.patience)
+    epochs = fit_network(network, run, prep, plan, first_epoch, resumed["network"] if resumed is not None else None)
+    if plan.gated:
+        # Fine-tune only while the network's val score improves, and adopt an epoch only if it is
+        # significantly better than the head.
+        follow(epochs, books, model, 1, gate=lambda right: pays_on_val(books.head_val_right, right))
+    else:
+        follow(epochs, books, model, p.train.patience)
 
 
 def train_model(plan: Plan, model: Model, books: Books, run: Run, prep: Preprocessing, pretrained_sha256: str,
