@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from stages import train
@@ -34,6 +35,7 @@ def test_the_winner_has_the_best_val_score_then_the_lowest_val_loss_then_comes_f
                                                        "val_macro_f1", "val_loss", "chosen"]
 
 
+@pytest.mark.slow
 def test_the_head_phase_trains_the_winning_setting_and_the_table_says_so(tiny_project):
     root = tiny_project(strategy="frozen", train={"head_search": True, "head_epochs": 3})
     train.main()

@@ -105,6 +105,7 @@ def test_without_a_live_server_the_stage_runs_cold(tmp_path, monkeypatch):
     assert not warm.server_is_up(warm.socket_path())
 
 
+@pytest.mark.slow
 def test_a_warm_run_imports_the_project_code_as_edited_and_reports_errors_as_a_cold_one(shadow_project):
     env = stage_env(**LIGHT)
     cold = run_stage(shadow_project, "check_params", stage_env(**LIGHT, DVC_TRANSFER_WARM="0"))
@@ -121,6 +122,7 @@ def test_a_warm_run_imports_the_project_code_as_edited_and_reports_errors_as_a_c
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "surprise" in bad.stderr
 
 
+@pytest.mark.slow
 def test_signals_reach_the_stage_and_a_killed_client_takes_its_stage_along(shadow_project):
     env = stage_env(**LIGHT)
     ensure_server(shadow_project, env)
@@ -152,6 +154,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_an_idle_server_exits_and_removes_its_socket(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_TRANSFER_WARM_DIR", str(tmp_path / "sockets"))
     path = warm.socket_path()
