@@ -100,6 +100,7 @@ def test_what_each_strategy_trains(project, strategy, head_epochs, expected):
     assert astuple(plan_for(load_params(), has_pretrained=True)) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_on_cpu(tiny_project):
     root = tiny_project(strategy="finetune", train={"workers": 1})
     train.main()
@@ -310,6 +311,7 @@ def test_a_leftover_state_of_other_params_or_a_finished_run_is_not_resumed(proje
     assert read_resume_state("of these params") is None and "unreadable" in caplog.text
 
 
+@pytest.mark.slow
 def test_partial_finetuning_leaves_the_early_layers_as_pretrained(tiny_project):
     from stages.lib.training import freeze_early_weights
 
