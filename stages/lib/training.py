@@ -313,16 +313,16 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
 # is one (dvc.yaml), so a run killed by SIGKILL or a power cut finds it when `dvc repro` runs
 # again, and continues after its last completed epoch if params and inputs are the same.
 
-def early_stopped(epochs, patience: int, select_on: str):
-    """The epochs, up to `patience` epochs without a better val score (0: all of them)."""
-    best, stale = None, 0
-    for result, state in epochs:
-        yield result, state
-        if result.beats(best, select_on):
-            best, stale = result, 0
-        else:
-            stale += 1
+def early_stopped(epochs, patience: int, select_on: str, best: EpochResult | None = None, announce: bool = False):
+    """The epochs (tuples, an EpochResult first), up to `patience` epochs in a row that do not
+    beat `best` and the epochs before them (0: all of them)."""
+    stale = 0
+    for epoch in epochs:
+        yield epoch
+        best, stale = (epoch[0], 0) if epoch[0].beats(best, select_on) else (best, stale + 1)
         if patience and stale >= patience:
+            if announce:
+                log.info("no better val score for %d epochs: stopping this phase early", stale)
             return
 
 
@@ -339,15 +339,11 @@ def follow(epochs, books: Books, model: Model, patience: int, gate=None) -> None
     `patience` epochs without a better val score (0: never). With `gate`, an epoch can become the
     best only if gate(its val answers) holds, and progress is measured against the phase's own
     epochs (the first, still warming up, may trail the head)."""
-    stale, best_seen = 0, None if gate else books.best
-    for result, state, *answers in epochs:
+    for result, state, *answers in early_stopped(epochs, patience, books.params.train.select_on,
+                                                 None if gate else books.best, announce=True):
         books.record(result, model, eligible=gate is None or gate(answers[0]))
         if state is not None:
             books.save_resume_state(model, network=state)
-        best_seen, stale = (result, 0) if result.beats(best_seen, books.params.train.select_on) else (best_seen, stale + 1)
-        if patience and stale >= patience:
-            log.info("no better val score for %d epochs: stopping this phase early", stale)
-            return
 
 
 def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, resumed: dict | None) -> list[Trial]:
