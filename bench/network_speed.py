@@ -32,7 +32,8 @@ CONFIGS = [("efficientnet_lite2", 260, 1.0), ("efficientnet_lite2", 192, 1.0), (
            ("efficientnet_lite0", 192, 0.75)]
 
 
-def images_per_second(backbone_name: str, size: int, fraction: float, batch_size: int, steps: int) -> tuple[float, float]:
+def images_per_second(backbone_name: str, size: int, fraction: float, batch_size: int,
+                      steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     backbone, width = create_backbone(resolve_backbone(backbone_name))
     model = Classifier(backbone, make_head(width, 8, "linear", 256, 0.2)).to(memory_format=torch.channels_last)
@@ -77,7 +78,8 @@ def main() -> None:
     for name, size, fraction in CONFIGS:
         train, forward = images_per_second(name, size, fraction, args.batch_size, args.steps)
         baseline = baseline or train
-        print(f"{name} {size} px, fraction {fraction}: {train:.1f} images/s training, {forward:.1f} forward", flush=True)
+        print(f"{name} {size} px, fraction {fraction}: {train:.1f} images/s training, {forward:.1f} forward",
+              flush=True)
         lines.append(f"| {name} | {size} px | {fraction:g} | {train:.1f} images/s ({train / baseline:.1f}x) | "
                      f"{forward:.1f} images/s |")
     publish("network-speed", "\n".join(lines), RESULTS)

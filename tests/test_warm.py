@@ -61,7 +61,8 @@ def shadow_project(project):
         "def main() -> None:\n",
         "def main() -> None:\n"
         "    import os, time\n"
-        "    Path('ran_in.txt').write_text(f\"{os.getpid()} {os.getppid()} {os.environ.get('DVC_TRANSFER_WARM_CHILD')}\")\n"
+        "    mark = os.environ.get('DVC_TRANSFER_WARM_CHILD')\n"
+        "    Path('ran_in.txt').write_text(f'{os.getpid()} {os.getppid()} {mark}')\n"
         "    time.sleep(float(Path('sleep.txt').read_text()) if Path('sleep.txt').is_file() else 0)\n",
     ).replace("import yaml\n", "import yaml\nfrom pathlib import Path\n"))
     return root
@@ -183,7 +184,8 @@ def test_warm_stages_write_the_same_bytes_as_cold_ones(tiny_project):
     warm_run = run_all(stage_env())
     # TorchScript keeps, as debug information, the Python call stack that traced each module,
     # which runs through lib/warm.py in a warm process; the code and weights must be the same.
-    assert torchscript_without_debug_info(warm_run.pop(TORCHSCRIPT)) == torchscript_without_debug_info(cold.pop(TORCHSCRIPT))
+    warm_code, cold_code = (torchscript_without_debug_info(run.pop(TORCHSCRIPT)) for run in (warm_run, cold))
+    assert warm_code == cold_code
     assert warm_run == cold
 
 

@@ -57,8 +57,8 @@ def plan_for(params: Params, has_pretrained: bool) -> Plan:
         return Plan(head_first=False, network=True, pretrained=False, backbone_lr=lr, head_lr=lr)
     warm = params.train.head_epochs > 0
     # A head trained on the features first should move as gently as the backbone under it.
-    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult, head_lr=lr * mult if warm else lr,
-                gated=params.strategy == "auto")
+    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult,
+                head_lr=lr * mult if warm else lr, gated=params.strategy == "auto")
 
 
 @dataclass

@@ -117,6 +117,7 @@ def run_warm(argv: list[str]) -> int | None:
             return None
     except OSError:
         return None
+
     def forward(number, _frame):
         try:
             conn.send(f"signal {number}".encode())
