@@ -29,7 +29,7 @@ from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import run_stage
 from stages.lib.data import read_split
 from stages.lib.features import split_probabilities
-from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.inference import calibrate
 from stages.lib.metrics import (class_curves, confused_pairs, confusion_counts, predictions_table, score_predictions,
                                 top_losses)
@@ -41,11 +41,6 @@ from stages.lib.plots import save_class_curves, save_confusion_matrix, save_imag
 from stages.lib.significance import RESAMPLES, bootstrap_intervals
 
 log = logging.getLogger("evaluate")
-
-
-def write_csv(table: pd.DataFrame, path) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, lineterminator="\n")
 
 
 def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
@@ -118,13 +113,13 @@ def main() -> None:
     metrics = headline_metrics(scores, raw, probs, labels, checkpoint.classes)
     write_json_atomic(EVAL_JSON, metrics)
     table = predictions_table(rows, probs, checkpoint.classes)
-    write_csv(table, PREDICTIONS_CSV)
-    write_csv(table[["true", "predicted"]].rename(columns={"true": "actual"}), CONFUSION_CSV)
-    write_csv(per_class.round(6), PER_CLASS_CSV)
+    write_csv_atomic(PREDICTIONS_CSV, table)
+    write_csv_atomic(CONFUSION_CSV, table[["true", "predicted"]].rename(columns={"true": "actual"}))
+    write_csv_atomic(PER_CLASS_CSV, per_class.round(6))
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
-    write_csv(confused_pairs(y_true, y_pred, checkpoint.classes).round(6), CONFUSED_PAIRS_CSV)
+    write_csv_atomic(CONFUSED_PAIRS_CSV, confused_pairs(y_true, y_pred, checkpoint.classes).round(6))
     calibrated = reliability_table(probs.numpy(), y_true)
-    write_csv(pd.DataFrame([r for r in calibrated if r["images"]]).round(6), RELIABILITY_CSV)
+    write_csv_atomic(RELIABILITY_CSV, pd.DataFrame([r for r in calibrated if r["images"]]).round(6))
     series = {f"temperature {checkpoint.temperature:.3g}": (calibrated, metrics["ece"])}
     if checkpoint.temperature != 1.0:
         series["without temperature"] = reliability_table(raw.numpy(), y_true), metrics["ece_uncalibrated"]
@@ -132,7 +127,7 @@ def main() -> None:
     save_class_curves(class_curves(probs.numpy(), y_true), checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
     suspects = label_suspects(checkpoint, params)
-    write_csv(suspects, TOP_LOSSES_CSV)
+    write_csv_atomic(TOP_LOSSES_CSV, suspects)
     save_suspects(suspects, params.grid_images)
     save_confusion_matrix(confusion_counts(y_true, y_pred, len(checkpoint.classes)), checkpoint.classes, CONFUSION_PNG)
     log.info("test: accuracy %.4f (95%% CI %.4f-%.4f, %d bootstrap resamples), macro-F1 %.4f, loss %.4f, ECE %.4f "

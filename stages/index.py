@@ -13,7 +13,7 @@ import logging
 import os
 
 from stages.lib.cli import UserError, run_stage
-from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.labels import list_labelled_images
 from stages.lib.layouts import SPLITS, list_images
 from stages.lib.params import load_params
@@ -56,8 +56,7 @@ def main() -> None:
     splits = assign_splits(images, params)
     index = build_index(images, splits, classes, params.seed)
 
-    with atomic_path(INDEX_CSV) as tmp:
-        index.to_csv(tmp, index=False, lineterminator="\n")
+    write_csv_atomic(INDEX_CSV, index)
     write_json_atomic(CLASSES_JSON, classes)
     summary = data_summary(index, classes, layout, skipped)
     if unlisted is not None:

@@ -13,7 +13,7 @@ import logging
 
 from stages.lib.cli import run_stage
 from stages.lib.features import read_features
-from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.images import load_image
 from stages.lib.leaks import cross_split_pairs, leak_summary
 from stages.lib.params import load_params
@@ -44,8 +44,7 @@ def main() -> None:
     params = load_params().leaks
     splits = {name: read_features(name) for name in ("train", "val", "test")}
     pairs = cross_split_pairs(splits, params.threshold)
-    with atomic_path(LEAK_PAIRS_CSV) as tmp:
-        pairs.to_csv(tmp, index=False, lineterminator="\n")
+    write_csv_atomic(LEAK_PAIRS_CSV, pairs)
     summary = leak_summary(pairs, params.threshold)
     write_json_atomic(LEAKS_JSON, summary)
     draw_pairs(pairs, params.pictures)

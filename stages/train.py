@@ -34,7 +34,7 @@ from stages.lib.cli import run_stage
 from stages.lib.data import read_classes, read_split
 from stages.lib.features import split_probabilities
 from stages.lib.inference import calibrate
-from stages.lib.files import atomic_path, write_json_atomic
+from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.head_search import Trial, search_table, winner
 from stages.lib.params import load_params
 from stages.lib.paths import (CURVES_PNG, HEAD_SEARCH_CSV, INDEX_CSV, LIVE_DIR, MODEL, PRETRAINED, TIME_JSON,
@@ -77,9 +77,7 @@ def train_with_records(plan, model: Model, run: Run, classes: list[str], prep: P
 
 def write_search_table(trials: list[Trial], select_on: str) -> None:
     """The head settings tried, the one trained marked (a header only without a head phase)."""
-    with atomic_path(HEAD_SEARCH_CSV) as tmp:
-        search_table(trials, winner(trials, select_on) if trials else None).to_csv(tmp, index=False,
-                                                                                  lineterminator="\n")
+    write_csv_atomic(HEAD_SEARCH_CSV, search_table(trials, winner(trials, select_on) if trials else None))
 
 
 def main() -> None:

@@ -87,6 +87,12 @@ def write_json_atomic(target: Path, data: Any) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_csv_atomic(target: Path, table) -> None:
+    """A pandas table as CSV, without its index, with \\n line ends whatever the platform."""
+    with atomic_path(target) as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
