@@ -42,7 +42,7 @@ class Plan:
     backbone_lr: float  # the network phase's learning rates
     head_lr: float
     # auto: a network epoch counts only if it is significantly better than the head on val, and
-    # the network phase stops at the first epoch that is not a new best
+    # the network phase stops at the first epoch that does not improve on the phase's own best
     gated: bool = False
 
 
