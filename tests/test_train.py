@@ -386,3 +386,24 @@ def test_auto_keeps_the_head_unless_the_network_pays_on_val(tiny_project, monkey
     else:  # no network epoch becomes the model: the head's best stays, on the cached features
         assert checkpoint.metrics["phase"] == "head" and checkpoint.pretrained_backbone_sha256 is not None
         assert (checkpoint.metrics["val_acc"], -checkpoint.metrics["val_loss"]) == pytest.approx(head_best)
+
+
+def test_the_time_budget_starts_no_network_epoch_that_would_end_after_it(tiny_project):
+    import time as clock
+
+    from stages.lib.params import load_params
+    from stages.lib.training import make_run, out_of_time
+
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 3, "time_budget": 0.001})
+    train.main()
+    steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
+    assert len(steps) == 1 + 1  # the first network epoch always runs; the budget was spent by then
+    def run_with(budget):
+        params = load_params()
+        params = params.model_copy(update={"train": params.train.model_copy(update={"time_budget": budget})})
+        run = make_run(params, torch.device("cpu"), torch.tensor([0, 1]), 2)
+        run.started = clock.perf_counter() - 5
+        return run
+
+    assert not out_of_time(run_with(10.0), epoch_seconds=4) and out_of_time(run_with(10.0), epoch_seconds=6)
+    assert not out_of_time(run_with(None), epoch_seconds=1e9)

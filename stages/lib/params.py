@@ -130,6 +130,7 @@ class TrainParams(Strict):
     trainable_fraction: Annotated[float, Field(gt=0, le=1)]
     image_size: Annotated[int, Field(ge=32)] | None
     patience: Annotated[int, Field(ge=0)]
+    time_budget: PositiveFloat | None
     head_search: bool
     seed: int
     workers: Annotated[int, Field(ge=0)]

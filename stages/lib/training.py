@@ -69,6 +69,7 @@ class Run:
     classes: int
     class_weights: torch.Tensor | None = None  # train.class_weighting balanced: the loss's weight per class
     timing: Counter = field(default_factory=Counter)  # seconds: head, data, compute, validate
+    started: float = field(default_factory=time.perf_counter)  # when the train stage began: train.time_budget
     rank: int = 0
     world_size: int = 1
 
@@ -290,7 +291,13 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if p.compile:
         runner = torch.compile(runner)
-    for i in range(resume["epochs_done"] if resume is not None else 0, p.epochs):
+    first = resume["epochs_done"] if resume is not None else 0
+    network_started = time.perf_counter()
+    for i in range(first, p.epochs):
+        if i > first and out_of_time(run, (time.perf_counter() - network_started) / (i - first)):
+            log.info("train.time_budget: %.0f s spent, another epoch takes about %.0f s: stopping the network phase",
+                     time.perf_counter() - run.started, (time.perf_counter() - network_started) / (i - first))
+            return
         sampler.set_epoch(i)
         runner.train()
         keep_batchnorm_statistics(model.backbone, frozen_only=not p.freeze_bn)
@@ -306,6 +313,14 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
                  "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
         result = EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr)
         yield result, state, (probs.argmax(1) == labels).tolist()
+
+
+def out_of_time(run: Run, epoch_seconds: float) -> bool:
+    """Whether another network epoch, as long as the mean one so far, would end after
+    train.time_budget seconds from the stage's start (no budget: never). The first network epoch
+    always runs: until then there is no pace to go by."""
+    budget = run.params.train.time_budget
+    return budget is not None and time.perf_counter() - run.started + epoch_seconds > budget
 
 
 # --- the phases, with their records ----------------------------------------------------------
