@@ -5,6 +5,8 @@
 Run it in a throwaway clone whose pipeline is reproduced (`dvc repro`) and committed. In one run
 on one machine it measures:
 1. `python -c "import torch"` (median of three);
+Every experiment is head-only: strategy frozen (`-S strategy=frozen`; under the default, auto, a new
+train.lr also retrains the network phase) and a new train.lr.
 2. each stage process of a head-only experiment (train.lr changed in params.yaml), run as DVC runs
    it, `python -m stages NAME`: cold (DVC_TRANSFER_WARM=0, a new interpreter imports everything)
    and warm (stages/lib/warm.py);
@@ -34,6 +36,8 @@ RESULTS = Path("bench/results/head_only.md")
 STAGES = ("check_params", "source", "train", "evaluate", "export")
 COLD = {"DVC_TRANSFER_WARM": "0"}
 LR_LINE = re.compile(r"^(  lr: )(\S+)", re.M)
+STRATEGY_LINE = re.compile(r"^strategy: \S+", re.M)
+FROZEN = ["-S", "strategy=frozen"]
 
 
 def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
@@ -49,7 +53,8 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
 
 def set_lr(lr: float) -> None:
     params = Path("params.yaml")
-    params.write_text(LR_LINE.sub(lambda m: f"{m.group(1)}{lr:g}", params.read_text(), count=1))
+    text = STRATEGY_LINE.sub("strategy: frozen", params.read_text(), count=1)
+    params.write_text(LR_LINE.sub(lambda m: f"{m.group(1)}{lr:g}", text, count=1))
 
 
 def stage_seconds(lr: float, env: dict) -> dict[str, float]:
@@ -59,7 +64,7 @@ def stage_seconds(lr: float, env: dict) -> dict[str, float]:
 
 
 def experiment_seconds(lr: float, env: dict) -> tuple[float, list[str], float]:
-    seconds, output = timed(["dvc", "exp", "run", "-S", f"train.lr={lr:g}"], env)
+    seconds, output = timed(["dvc", "exp", "run", *FROZEN, "-S", f"train.lr={lr:g}"], env)
     ran = re.findall(r"Running stage '(\w+)'", output)
     accuracy = json.loads(Path("metrics/eval.json").read_text())["accuracy"]
     print(f"dvc exp run -S train.lr={lr:g} ({'cold' if env else 'warm'}): {seconds:.2f} s, ran {', '.join(ran)}, "
@@ -99,7 +104,7 @@ def table(torch_import: float, cold: dict, warm: dict, dvc_only: dict, runs: dic
                  f"{statistics.median(runs['cold']) - sum(cold.values()):.1f} s",
                  f"{statistics.median(runs['warm']) - sum(warm.values()):.1f} s"))
     lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by "
-             "`python -m bench.head_only` (one run; hymenoptera, default params, every experiment a new "
+             "`python -m bench.head_only` (one run; hymenoptera, strategy frozen, every experiment a new "
              f"train.lr; stages run: {', '.join(ran)}; test accuracy of the six experiments "
              f"{min(accuracies):.4f} to {max(accuracies):.4f}).", "",
              "| | cold: a new interpreter per stage | warm: stages/lib/warm.py |", "|---|---|---|"]
@@ -123,8 +128,8 @@ def main() -> None:
         subprocess.run(["git", "checkout", "--", "params.yaml"], check=True)
         dvc_only = {}
         for name, env in (("warm", {}), ("cold", COLD)):
-            timed(["dvc", "exp", "run"], env)  # brings the workspace back to the committed params
-            dvc_only[f"exp {name}"] = timed(["dvc", "exp", "run"], env)[0]
+            timed(["dvc", "exp", "run", *FROZEN], env)  # brings the workspace back to the committed lr
+            dvc_only[f"exp {name}"] = timed(["dvc", "exp", "run", *FROZEN], env)[0]
             dvc_only[f"repro {name}"] = timed(["dvc", "repro"], env)[0]
         print(f"DVC alone {dvc_only}", flush=True)
         runs, accuracies, ran = {"warm": [], "cold": []}, [], []

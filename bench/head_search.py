@@ -3,7 +3,7 @@
     python -m bench.head_search
 
 Run it in a throwaway clone whose pipeline is reproduced and committed: it runs
-`dvc exp run -S train.head_search=true` in the workspace, reads the search's seconds from
+`dvc exp run -S strategy=frozen -S train.head_search=true` in the workspace, reads the search's seconds from
 metrics/train/time.json and the settings from metrics/train/head_search.csv, and sets them beside
 the committed run without the search. Writes bench/results/head_search.md and README's
 `head-search` block, and restores params.yaml, dvc.lock and the outputs afterwards.
@@ -42,7 +42,7 @@ def main() -> None:
     before = run_summary()
     with restored_workspace():
         started = time.perf_counter()
-        subprocess.run(["dvc", "exp", "run", "-S", "train.head_search=true"], check=True)
+        subprocess.run(["dvc", "exp", "run", "-S", "strategy=frozen", "-S", "train.head_search=true"], check=True)
         wall = time.perf_counter() - started
         after = run_summary()
     rows = [("without the search (committed)", before, None), ("`-S train.head_search=true`", after, wall)]
