@@ -1,0 +1,116 @@
+"""The defaults against the settings before them, on the three datasets, in one run (issue 14).
+
+    python -m bench.defaults [--archives hymenoptera_data,blood_cells,trashnet]
+
+Run it in a throwaway clone with its own, empty DVC cache (git clone, link .venv); the archives
+are ../shared/datasets/*.zip. For each archive the data stages and the features run first, timed
+("prelude": for hymenoptera, prelude + new default is a fresh clone's `dvc repro` from an empty
+cache, less `make`'s install), then four experiments, each params.yaml as committed with only
+these overrides:
+- old default:  the frozen strategy, as params.yaml had it before;
+- new default:  params.yaml as committed;
+- old finetune: strategy finetune with the network settings from before (every weight trains,
+                at the backbone's input size, 4 epochs, the backbone at 0.1 x train.lr, 30 head
+                epochs): the issue's 969 s on blood cells;
+- new finetune: strategy finetune with params.yaml's network settings and 10 epochs: where
+                minutes are there to spend (no gate on val, no early stop).
+It reports test accuracy and macro-F1, the train stage's seconds (metrics/train/time.json), the
+whole `dvc exp run` (the stages that reran: train, evaluate, export), the network epochs run and
+the best one, and the network phase's images per second (train images x network epochs / the
+seconds of its steps and of waiting for data). Writes bench/results/defaults.md and README's
+`defaults` block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from bench.head_only import cpu_name
+from bench.readme_table import publish
+from bench.workspace import restored_workspace, run_on_archive
+
+RESULTS = Path("bench/results/defaults.md")
+SHARED = Path("../shared/datasets")
+OLD_NETWORK = ["train.trainable_fraction=1.0", "train.image_size=null", "train.epochs=4", "train.backbone_lr_mult=0.1",
+               "train.head_epochs=30", "train.time_budget=null"]
+SETTINGS = {
+    "old default": ["strategy=frozen", "train.head_epochs=30"],
+    "new default": [],
+    "old finetune": ["strategy=finetune", *OLD_NETWORK],
+    "new finetune": ["strategy=finetune", "train.epochs=10"],
+}
+
+
+def read_json(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def network_epochs() -> int:
+    """Epochs of the whole network the last run trained: DVCLive's steps from the first network
+    epoch on (step = epoch - 1; the network's first epoch is head_epochs + 1 after a head phase)."""
+    lines = Path("metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()[1:]
+    strategy = read_json("data/params/strategy.json")
+    first = 0 if strategy == "scratch" else read_json("data/params/train.json")["head_epochs"]
+    return sum(int(line.split("\t")[0]) >= first for line in lines) if strategy != "frozen" else 0
+
+
+def committed_params() -> None:
+    """`dvc exp run` leaves its params in the workspace: each run starts from the committed ones."""
+    subprocess.run(["git", "checkout", "--", "params.yaml"], check=True)
+
+
+def measure(archive: Path, name: str) -> dict:
+    committed_params()
+    wall = run_on_archive(archive, SETTINGS[name])
+    evaluation, timing = read_json("metrics/eval.json"), read_json("metrics/train/time.json")
+    images = int((pd.read_csv("data/index.csv")["split"] == "train").sum())
+    epochs = network_epochs()
+    network_seconds = timing.get("compute", 0) + timing.get("data", 0)
+    row = {"archive": archive.stem, "setting": name, "accuracy": evaluation["accuracy"],
+           "macro_f1": evaluation["macro_f1"], "train": timing["total"], "wall": wall, "network_epochs": epochs,
+           "images_per_s": images * epochs / network_seconds if epochs else None,
+           "best_epoch": read_json("metrics/train/metrics.json")["best_epoch"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict], preludes: dict[str, float]) -> str:
+    lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by `python -m bench.defaults` "
+             "in one run. Each archive's data stages and features ran first, from an empty cache ("
+             + ", ".join(f"{stem} {seconds:.0f} s" for stem, seconds in preludes.items())
+             + "); the times below are the runs after them.", "",
+             "| archive | setting | test accuracy | macro-F1 | train stage | whole `dvc exp run` | network epochs (best "
+             "epoch) | network phase |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['images_per_s']:.1f} images/s" if r["images_per_s"] else "-"
+        lines.append(f"| {r['archive']} | {r['setting']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train']:.0f} s "
+                     f"| {r['wall']:.0f} s | {r['network_epochs']} ({r['best_epoch']}) | {speed} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archives", default="hymenoptera_data,blood_cells,trashnet")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="a comma-separated subset, for trying it out")
+    args = parser.parse_args()
+    rows, preludes = [], {}
+    with restored_workspace():
+        for stem in args.archives.split(","):
+            archive = SHARED / f"{stem}.zip"
+            committed_params()
+            preludes[stem] = run_on_archive(archive, [], ["features"])
+            for name in args.settings.split(","):
+                rows.append(measure(archive, name))
+                RESULTS.with_suffix(".partial.json").write_text(json.dumps({"preludes": preludes, "rows": rows}))
+    publish("defaults", table(rows, preludes), RESULTS)
+
+
+if __name__ == "__main__":
+    main()
