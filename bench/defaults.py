@@ -37,6 +37,7 @@ from bench.readme_table import publish
 from bench.workspace import restored_workspace, run_on_archive
 
 RESULTS = Path("bench/results/defaults.md")
+PARTIAL = RESULTS.with_suffix(".partial.json")
 SHARED = Path("../shared/datasets")
 OLD_NETWORK = ["train.trainable_fraction=1.0", "train.image_size=null", "train.epochs=4", "train.backbone_lr_mult=0.1",
                "train.head_epochs=30", "train.time_budget=null"]
@@ -82,16 +83,18 @@ def measure(archive: Path, name: str) -> dict:
 
 
 def table(rows: list[dict], preludes: dict[str, float]) -> str:
+    baseline = {r["archive"]: r["train"] for r in rows if r["setting"] == "old finetune"}
     lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by `python -m bench.defaults` "
              "in one run. Each archive's data stages and features ran first, from an empty cache ("
              + ", ".join(f"{stem} {seconds:.0f} s" for stem, seconds in preludes.items())
              + "); the times below are the runs after them.", "",
-             "| archive | setting | test accuracy | macro-F1 | train stage | whole `dvc exp run` | network epochs (best "
-             "epoch) | network phase |", "|---|---|---|---|---|---|---|---|"]
+             "| archive | setting | test accuracy | macro-F1 | train stage (/ old finetune's) | whole `dvc exp run` | "
+             "network epochs (best epoch) | network phase |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['images_per_s']:.1f} images/s" if r["images_per_s"] else "-"
-        lines.append(f"| {r['archive']} | {r['setting']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train']:.0f} s "
-                     f"| {r['wall']:.0f} s | {r['network_epochs']} ({r['best_epoch']}) | {speed} |")
+        ratio = f" ({r['train'] / baseline[r['archive']]:.2f})" if r["archive"] in baseline else ""
+        lines.append(f"| {r['archive']} | {r['setting']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train']:.0f} s"
+                     f"{ratio} | {r['wall']:.0f} s | {r['network_epochs']} ({r['best_epoch']}) | {speed} |")
     return "\n".join(lines)
 
 
@@ -99,7 +102,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archives", default="hymenoptera_data,blood_cells,trashnet")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="a comma-separated subset, for trying it out")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from the last run's measurements (bench/results/defaults.partial.json)")
     args = parser.parse_args()
+    if args.table_only:
+        measured = json.loads(PARTIAL.read_text())
+        publish("defaults", table(measured["rows"], measured["preludes"]), RESULTS)
+        return
     rows, preludes = [], {}
     with restored_workspace():
         for stem in args.archives.split(","):
@@ -108,7 +117,7 @@ def main() -> None:
             preludes[stem] = run_on_archive(archive, [], ["features"])
             for name in args.settings.split(","):
                 rows.append(measure(archive, name))
-                RESULTS.with_suffix(".partial.json").write_text(json.dumps({"preludes": preludes, "rows": rows}))
+                PARTIAL.write_text(json.dumps({"preludes": preludes, "rows": rows}))
     publish("defaults", table(rows, preludes), RESULTS)
 
 
