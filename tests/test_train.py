@@ -407,3 +407,33 @@ def test_the_time_budget_starts_no_network_epoch_that_would_end_after_it(tiny_pr
 
     assert not out_of_time(run_with(10.0), epoch_seconds=4) and out_of_time(run_with(10.0), epoch_seconds=6)
     assert not out_of_time(run_with(None), epoch_seconds=1e9)
+
+
+@pytest.mark.parametrize("policy", ["trivial", "rand"])
+def test_augmentation_policies_and_random_erasing_change_training_images_reproducibly(policy):
+    from PIL import Image
+
+    from stages.lib.backbones import Preprocessing
+    from stages.lib.data import train_transform
+    from stages.lib.params import AugmentParams
+
+    prep = Preprocessing(64, 72, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    image = Image.open(PROJECT_ROOT / "tests/fixtures/ant_0.jpg").convert("RGB")
+
+    def views(**augment):
+        settings = {"crop_scale": (0.25, 1.0), "hflip": 0.5, "rotation": 0, "color_jitter": 0, "policy": "none",
+                    "erasing": 0, **augment}
+        transform = train_transform(prep, AugmentParams(**settings))
+        out = []
+        for seed in range(8):
+            torch.manual_seed(seed)
+            out.append(transform(image))
+        return out
+
+    plain, augmented = views(), views(policy=policy)
+    assert all(v.shape == (3, 64, 64) for v in augmented)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, augmented))  # same crops, then the policy's operations
+    assert all(torch.equal(a, b) for a, b in zip(augmented, views(policy=policy)))  # a seed gives the same images
+    # With mean 0.5, no pixel k/255 normalises to exactly 0: exact zeros are erased pixels.
+    assert all((v == 0).all(0).sum() == 0 for v in plain)
+    assert all((v == 0).all(0).sum() > 0 for v in views(erasing=1.0))

@@ -66,7 +66,14 @@ def train_transform(prep: Preprocessing, augment: AugmentParams):
         steps.append(T.RandomRotation(augment.rotation, interpolation=interpolation))
     if augment.color_jitter:
         steps.append(T.ColorJitter(augment.color_jitter, augment.color_jitter, augment.color_jitter))
-    return T.Compose(steps + [normalize(prep)])
+    if augment.policy == "trivial":
+        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    elif augment.policy == "rand":
+        steps.append(T.RandAugment(interpolation=interpolation))
+    steps.append(normalize(prep))
+    if augment.erasing:
+        steps.append(T.RandomErasing(augment.erasing))  # on the normalised tensor: erased pixels become 0, the mean
+    return T.Compose(steps)
 
 
 class ImageDataset(Dataset):

@@ -89,6 +89,8 @@ class AugmentParams(Strict):
     hflip: Annotated[float, Field(ge=0, le=1)]
     rotation: Annotated[float, Field(ge=0, le=180)]
     color_jitter: Annotated[float, Field(ge=0, le=1)]
+    policy: Literal["none", "trivial", "rand"]
+    erasing: Annotated[float, Field(ge=0, le=1)]
 
     @field_validator("crop_scale")
     @classmethod
