@@ -2,11 +2,11 @@
 
     python -m bench.head_only
 
+Every experiment is head-only: strategy frozen (`-S strategy=frozen`; under the default, auto, a new
+train.lr also retrains the network phase) and a new train.lr.
 Run it in a throwaway clone whose pipeline is reproduced (`dvc repro`) and committed. In one run
 on one machine it measures:
 1. `python -c "import torch"` (median of three);
-Every experiment is head-only: strategy frozen (`-S strategy=frozen`; under the default, auto, a new
-train.lr also retrains the network phase) and a new train.lr.
 2. each stage process of a head-only experiment (train.lr changed in params.yaml), run as DVC runs
    it, `python -m stages NAME`: cold (DVC_TRANSFER_WARM=0, a new interpreter imports everything)
    and warm (stages/lib/warm.py);
