@@ -196,7 +196,9 @@ def test_mixed_precision_on_cpu_only_with_native_bf16(monkeypatch):
 
 
 def run_train(root, env) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=env, capture_output=True, text=True)
+    """The train stage as dvc.yaml runs it: through a warm server (stages/lib/warm.py) when one is up."""
+    result = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, env=env, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -207,7 +209,9 @@ def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_pro
     root = tiny_project(strategy="finetune", model={"dropout": 0.3},
                         train={"head_epochs": 2, "epochs": 4, "workers": 1, "scheduler": "onecycle",
                                "class_weighting": "sampler"})
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    # The environment of the other tests' stage runs, so that their warm server serves these runs too;
+    # the run that gets killed runs cold, so that SIGKILL lands on the training process itself.
+    env = dict(os.environ)
     run_train(root, env)
     reference = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
     state_file = root / "models/train_state.pt"
