@@ -4,7 +4,7 @@
 
 For each backbone, input size and train.trainable_fraction of the table below, it times
 `--steps` training steps (after two warm-up steps) as the network phase runs them: bf16 autocast
-where the CPU has native bf16, channels-last, AdamW over the trainable weights, BatchNorm
+as train.amp auto (on CPUs with AMX), channels-last, AdamW over the trainable weights, BatchNorm
 statistics fixed; and the forward pass alone, as validation runs it. Compute only: no decoding,
 no loader. Writes bench/results/network_speed.md and README's `network-speed` block.
 """
@@ -23,7 +23,7 @@ from bench.head_only import cpu_name
 from bench.readme_table import publish
 from stages.lib.backbones import create_backbone, resolve_backbone
 from stages.lib.classifier import Classifier, make_head
-from stages.lib.runtime import autocast, cpu_has_native_bf16
+from stages.lib.runtime import autocast, cpu_autocasts
 from stages.lib.training import freeze_early_weights, keep_batchnorm_statistics
 
 RESULTS = Path("bench/results/network_speed.md")
@@ -48,7 +48,7 @@ def images_per_second(backbone_name: str, size: int, fraction: float, batch_size
     for step in range(2 + steps):
         if step == 2:
             started = time.perf_counter()
-        with autocast(cpu, True):
+        with autocast(cpu, "auto"):
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__} with {torch.get_num_threads()} threads, bf16 autocast "
-             f"{'on' if cpu_has_native_bf16() else 'off (no native bf16)'}, batch {args.batch_size}, by "
+             f"{'on' if cpu_autocasts('auto') else 'off (train.amp auto, no AMX)'}, batch {args.batch_size}, by "
              "`python -m bench.network_speed` (compute only, random images).", "",
              "| backbone | crops | train.trainable_fraction | training | forward only (validation) |",
              "|---|---|---|---|---|"]

@@ -41,7 +41,7 @@ import torch
 
 from bench.readme_table import publish
 from stages.lib.params import load_params
-from stages.lib.runtime import cpu_has_native_bf16
+from stages.lib.runtime import cpu_autocasts
 
 RESULTS = Path("bench/results/speed.md")
 TRACKED = ["params.yaml", "dvc.lock", "metrics"]
@@ -257,8 +257,8 @@ def main() -> None:
          f"{index_large[1]:.0f} MB ({index_small[1]:.0f} MB at {max(1, args.index_images // 5)} images)",
          ">= 300 images/s, flat memory"),
     ]
-    bf16 = ("native bf16 (AVX512-BF16 or AMX: train.amp autocasts)" if cpu_has_native_bf16()
-            else "no native bf16 (train.amp has no effect)")
+    bf16 = ("AMX (train.amp auto trains in bf16)" if cpu_autocasts("auto")
+            else "no AMX (train.amp auto trains in full precision)")
     table = "\n".join([
         f"Measured {date.today()} by `python -m bench.speed` on {platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, {bf16}, "

@@ -34,7 +34,7 @@ def train_in(root, env, processes: int, batch_size: int) -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_two_gloo_processes_train_as_one_process_with_their_summed_batch(tiny_project):
     # 16 training images: two processes of 4 images per step see exactly one process's 8. In full
-    # precision: bf16 autocast (on CPUs with AVX512-BF16) rounds the two differently batched sums
+    # precision: bf16 autocast (on CPUs with AMX) rounds the two differently batched sums
     # apart by more than the tolerance below.
     root = tiny_project(strategy="finetune", index={"split_ratios": [8 / 14, 3 / 14, 3 / 14]}, model={"dropout": 0.0},
                         train={"head_epochs": 2, "epochs": 2, "workers": 0, "lr": 0.01, "amp": False})

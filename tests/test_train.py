@@ -181,18 +181,17 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_mixed_precision_on_cpu_only_with_native_bf16(monkeypatch):
+def test_mixed_precision_on_cpu_only_where_bf16_pays(monkeypatch):
     from stages.lib import runtime
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    with runtime.autocast(cpu, amp=True):
-        assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    with runtime.autocast(cpu, amp=True):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with runtime.autocast(cpu, amp=False):
-        assert not torch.is_autocast_enabled("cpu")
+    for flags, autocasts in (({"avx2"}, (False, False, False)), ({"avx512_bf16"}, (True, False, False)),
+                             ({"avx512_bf16", "amx_bf16"}, (True, True, False))):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: frozenset(flags))
+        for amp, expected in zip((True, "auto", False), autocasts):
+            with runtime.autocast(cpu, amp=amp):
+                assert torch.is_autocast_enabled("cpu") == expected, (flags, amp)
+                assert not expected or torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def run_train(root, env) -> subprocess.CompletedProcess:

@@ -136,7 +136,7 @@ class TrainParams(Strict):
     head_search: bool
     seed: int
     workers: Annotated[int, Field(ge=0)]
-    amp: bool
+    amp: bool | Literal["auto"]
     channels_last: bool
     compile: bool
 
