@@ -294,9 +294,10 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     first = resume["epochs_done"] if resume is not None else 0
     network_started = time.perf_counter()
     for i in range(first, p.epochs):
-        if i > first and out_of_time(run, (time.perf_counter() - network_started) / (i - first)):
+        pace = (time.perf_counter() - network_started) / (i - first) if i > first else None
+        if pace is not None and out_of_time(run, pace):
             log.info("train.time_budget: %.0f s spent, another epoch takes about %.0f s: stopping the network phase",
-                     time.perf_counter() - run.started, (time.perf_counter() - network_started) / (i - first))
+                     time.perf_counter() - run.started, pace)
             return
         sampler.set_epoch(i)
         runner.train()
