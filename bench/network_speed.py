@@ -4,7 +4,7 @@
 
 For each backbone, input size and train.trainable_fraction of the table below, it times
 `--steps` training steps (after two warm-up steps) as the network phase runs them: bf16 autocast
-as train.amp auto (on CPUs with AMX), channels-last, AdamW over the trainable weights, BatchNorm
+where train.amp auto uses it (CPUs with AMX), channels-last, AdamW over the trainable weights, BatchNorm
 statistics fixed; and the forward pass alone, as validation runs it. Compute only: no decoding,
 no loader. Writes bench/results/network_speed.md and README's `network-speed` block.
 """
