@@ -32,9 +32,9 @@ def cpu_autocasts(amp: bool | str) -> bool:
     """Whether train.amp trains in bf16 on this CPU. true: wherever the CPU has bf16 instructions
     (AVX512-BF16 or AMX; without them bf16 is emulated and slow). auto: only with AMX, whose tile
     units multiply bf16 matrices natively. With AVX512-BF16 alone, bf16 autocast trained
-    EfficientNet-Lite2 slower than full precision (24 against 35 images/s at 160 px, 11.5 against
-    12.8 at 260 px, on a 2-core AMD EPYC, 2026-11-26): its depthwise convolutions gain nothing and
-    pay for the conversions."""
+    EfficientNet-Lite2 slower than full precision (24.9 against 35.5 images/s at 160 px, 11.2 against
+    13.1 at 260 px: bench.network_speed on a 2-core AMD EPYC, 2026-11-26): its depthwise
+    convolutions gain nothing and pay for the conversions."""
     if amp is False:
         return False
     return bool(cpu_flags() & ({"amx_bf16"} if amp == "auto" else {"avx512_bf16", "amx_bf16"}))
