@@ -1,12 +1,13 @@
-"""Stage `export`: the best model as TorchScript and ONNX, for serving without this project.
+"""Stage `export`: the best model as ONNX, for serving without this project.
 
 Writes models/export/ with
-- model.ts:    TorchScript (torch.jit.load, no model code needed),
-- model.onnx:  ONNX (ONNX Runtime, TensorRT, OpenVINO, ...), batch size dynamic,
+- model.onnx:  ONNX (ONNX Runtime, TensorRT, OpenVINO, ...), batch size dynamic: a float32 NCHW
+               batch scaled to 0..1 and normalised with the sidecar's mean and std in, class
+               probabilities (temperature and softmax included) out;
 - model.json:  what a caller needs: class names in output order, input size, resize size,
                normalisation mean and std, interpolation, and the input and output names.
-Both networks take a float32 NCHW batch scaled to 0..1 and normalised with the sidecar's mean and
-std, and return class probabilities (softmax included), so their outputs can be compared directly.
+No TorchScript: torch has deprecated it, ONNX runs in every serving runtime, and a PyTorch user
+has models/model.pt (docs/model.md).
 
 When the model's backbone is still exactly the pretrained one (strategy frozen, or a finetune run
 whose best epoch was a head epoch), the backbone part is the one the export_backbone stage made
@@ -41,7 +42,7 @@ def main() -> None:
             export_backbone(model.backbone, checkpoint.preprocessing.input_size, backbone_folder)
         join_with_head(backbone_folder, head, checkpoint.temperature, tmp)
         write_json_atomic(tmp / MODEL_JSON, sidecar(checkpoint))
-    log.info("%s (epoch %d) exported to %s: model.ts, model.onnx, model.json",
+    log.info("%s (epoch %d) exported to %s: model.onnx, model.json",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR)
 
 

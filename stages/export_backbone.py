@@ -1,4 +1,4 @@
-"""Stage `export_backbone`: the pretrained backbone alone as TorchScript and ONNX (images -> features).
+"""Stage `export_backbone`: the pretrained backbone alone as ONNX (images -> features).
 
 Made once per backbone and weights, like the features: the export stage joins it with each
 experiment's head when the model's backbone is still the pretrained one, instead of building and

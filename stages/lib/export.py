@@ -1,4 +1,4 @@
-"""Models as TorchScript and ONNX files, for serving without this project.
+"""Models as ONNX files, for serving without this project.
 
 Each exported file is a backbone part (images -> features) joined with a head part (features ->
 probabilities, softmax included). The backbone part of the pretrained weights is exported once
@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from stages.lib.checkpoint import Checkpoint
-from stages.lib.classifier import Classifier
 
 INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "image", "features", "probabilities"
 ONNX_OPSET = 17
-BACKBONE_TS, BACKBONE_ONNX, BACKBONE_JSON = "backbone.ts", "backbone.onnx", "backbone.json"
-MODEL_TS, MODEL_ONNX, MODEL_JSON = "model.ts", "model.onnx", "model.json"
+BACKBONE_ONNX, BACKBONE_JSON = "backbone.onnx", "backbone.json"
+MODEL_ONNX, MODEL_JSON = "model.onnx", "model.json"
 
 
 class Temperature(nn.Module):
@@ -40,7 +39,7 @@ class Temperature(nn.Module):
 
 
 def with_softmax(model: nn.Module, temperature: float) -> nn.Module:
-    """What both exported files compute: the model's class scores turned into calibrated probabilities."""
+    """What the exported model computes: the model's class scores turned into calibrated probabilities."""
     return nn.Sequential(model, Temperature(temperature), nn.Softmax(dim=1)).eval()
 
 
@@ -51,8 +50,8 @@ def probability_model(checkpoint: Checkpoint) -> nn.Module:
 
 @contextmanager
 def quiet_exporters():
-    # torch marks TorchScript and the tracing ONNX exporter deprecated, in favour of
-    # torch.export; the files they write load in every runtime people serve with today.
+    # torch marks the tracing ONNX exporter deprecated, in favour of torch.export; the files it
+    # writes load in every runtime people serve with today.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         yield
@@ -65,24 +64,20 @@ def export_onnx(module: nn.Module, example: torch.Tensor, target, input_name: st
 
 
 def export_backbone(backbone: nn.Module, input_size: int, folder: Path) -> None:
-    """backbone.ts and backbone.onnx in `folder`: images -> features, batch size dynamic."""
+    """backbone.onnx in `folder`: images -> features, batch size dynamic."""
     backbone = backbone.eval().to(memory_format=torch.contiguous_format)
-    example = torch.rand(2, 3, input_size, input_size)
     with quiet_exporters():
-        # The tests compare the exports with PyTorch, so tracing's own re-run check is not needed.
-        torch.jit.trace(backbone, example, check_trace=False).save(str(folder / BACKBONE_TS))
-        export_onnx(backbone, example, str(folder / BACKBONE_ONNX), INPUT_NAME, FEATURES_NAME)
+        export_onnx(backbone, torch.rand(2, 3, input_size, input_size), str(folder / BACKBONE_ONNX), INPUT_NAME,
+                    FEATURES_NAME)
 
 
 def join_with_head(backbone_folder: Path, head: nn.Module, temperature: float, folder: Path) -> None:
-    """model.ts and model.onnx in `folder`: the backbone's exports followed by the head, the
-    temperature and a softmax."""
+    """model.onnx in `folder`: the backbone's export followed by the head, the temperature and a
+    softmax."""
     head = head.eval()
     width = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
     buffer = io.BytesIO()
     with quiet_exporters():
-        backbone = torch.jit.load(str(backbone_folder / BACKBONE_TS), map_location="cpu")
-        torch.jit.script(with_softmax(Classifier(backbone, head), temperature)).save(str(folder / MODEL_TS))
         export_onnx(with_softmax(head, temperature), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
     joined = onnx.compose.merge_models(onnx.load(str(backbone_folder / BACKBONE_ONNX)),
                                        onnx.load_from_string(buffer.getvalue()),
