@@ -13,27 +13,6 @@ from PIL import Image
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def warm_servers(tmp_path_factory):
-    """The warm stage servers (stages/lib/warm.py) that `python -m stages` runs in the tests leave
-    behind live in a folder of this session's, and are stopped with it."""
-    import os
-
-    from stages.lib.warm import stop_servers
-
-    folder = tmp_path_factory.mktemp("warm")
-    folder.chmod(0o700)
-    saved = {name: os.environ.get(name) for name in ("DVC_TRANSFER_WARM_DIR", "DVC_TRANSFER_WARM_IDLE")}
-    os.environ.update(DVC_TRANSFER_WARM_DIR=str(folder), DVC_TRANSFER_WARM_IDLE="300")
-    yield folder
-    stop_servers()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 def deep_merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
@@ -217,36 +196,20 @@ def tiny_project(tmp_path, monkeypatch, tiny_backbone_file, prepared_projects):
 
 
 def train_with_library(root: Path) -> Path:
-    """models/model.pt for the params in `root`, trained by the library as the train stage would
-    (its temperature fitted on val included), without its DVCLive records: what evaluate, export
-    and predict tests start from."""
+    """models/model.pt for the params in `root`, trained as the train stage trains it
+    (lib/training.train_and_calibrate), without its DVCLive records: what evaluate, export and
+    predict tests start from."""
     import os
 
     import torch
 
-    from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
-    from stages.lib.bookkeeping import Books
-    from stages.lib.checkpoint import save_checkpoint
-    from stages.lib.data import read_classes, read_split
     from stages.lib.params import load_params
-    from stages.lib.paths import MODEL, PRETRAINED
-    from stages.lib.training import Model, make_run, plan_for, train_model
+    from stages.lib.training import train_and_calibrate
 
     here = Path.cwd()
     os.chdir(root)
     try:
-        params = load_params()
-        torch.manual_seed(params.train.seed)
-        pretrained, sha256 = read_pretrained_and_sha256(PRETRAINED)
-        prep = Preprocessing.from_dict(pretrained["preprocessing"])
-        classes = read_classes()
-        run = make_run(params, torch.device("cpu"), torch.tensor(read_split("train")["label"].tolist()), len(classes))
-        books = Books(params, classes, prep, sha256, run.timing)
-        train_model(plan_for(params, True), Model(pretrained["state_dict"]), books, run, prep, sha256, None)
-        books.save_best()
-        from stages.train import with_fitted_temperature
-
-        save_checkpoint(MODEL, with_fitted_temperature(books.best_checkpoint, params))
+        train_and_calibrate(load_params(), torch.device("cpu"))
     finally:
         os.chdir(here)
     return root / "models/model.pt"

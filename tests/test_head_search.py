@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from stages import train
-from stages.lib.bookkeeping import EpochResult
 from stages.lib.head_search import Trial, search_grid, search_table, winner
+from stages.lib.records import EpochResult
 
 
 def result(acc: float, loss: float, epoch: int = 1) -> EpochResult:

@@ -121,27 +121,27 @@ def test_mlp_head(tiny_project):
 
 def test_early_stopping_after_patience_epochs_without_progress(project):
     from stages.lib.backbones import Preprocessing
-    from stages.lib.bookkeeping import Books, EpochResult
     from stages.lib.params import load_params
-    from stages.lib.training import Model, follow
+    from stages.lib.records import Epoch, EpochResult, Records
+    from stages.lib.training import ModelParts, record_phase
 
     project(train={"patience": 2})
     prep = Preprocessing(8, 8, (0.5,) * 3, (0.5,) * 3, "bilinear")
-    books = Books(load_params(), ["a", "b"], prep, "0" * 64, Counter())
-    model = Model(pretrained={"w": torch.zeros(1)}, head=torch.nn.Linear(2, 2))
+    records = Records(load_params(), ["a", "b"], prep, "0" * 64, Counter(), writes=False)
+    model = ModelParts(pretrained={"w": torch.zeros(1)}, head=torch.nn.Linear(2, 2))
     scores = [(0.5, 0.9), (0.7, 0.8), (0.7, 0.85), (0.6, 0.7), (0.9, 0.1), (1.0, 0.0)]
     consumed = []
 
     def epochs():
         for i, (acc, loss) in enumerate(scores, start=1):
             consumed.append(i)
-            yield EpochResult(i, "head", 1.0, 0.5, loss, acc, acc, 0.1), None
+            yield Epoch(EpochResult(i, "head", 1.0, 0.5, loss, acc, acc, 0.1))
 
-    follow(epochs(), books, model, patience=2)
+    record_phase(epochs(), records, model, patience=2)
     assert consumed == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2: stop
-    books.save_best()
-    assert books.best.epoch == 2 and books.best_checkpoint.epoch == 2
-    assert books.best_checkpoint.pretrained_backbone_sha256 == "0" * 64  # a head epoch: backbone untouched
+    records.save_best()
+    assert records.best.epoch == 2 and records.best_checkpoint.epoch == 2
+    assert records.best_checkpoint.pretrained_backbone_sha256 == "0" * 64  # a head epoch: backbone untouched
 
 
 def test_non_finite_loss_stops_with_a_hint(tiny_project):
@@ -195,7 +195,7 @@ def test_mixed_precision_on_cpu_only_where_bf16_pays(monkeypatch):
 
 
 def run_train(root, env) -> subprocess.CompletedProcess:
-    """The train stage as dvc.yaml runs it: through a warm server (stages/lib/warm.py) when one is up."""
+    """The train stage as dvc.yaml runs it."""
     result = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
@@ -208,8 +208,6 @@ def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_pro
     root = tiny_project(strategy="finetune", model={"dropout": 0.3},
                         train={"head_epochs": 2, "epochs": 4, "workers": 1, "scheduler": "onecycle",
                                "class_weighting": "sampler"})
-    # The environment of the other tests' stage runs, so that their warm server serves these runs too;
-    # the run that gets killed runs cold, so that SIGKILL lands on the training process itself.
     env = dict(os.environ)
     run_train(root, env)
     reference = (root / "metrics/train/metrics.json").read_text(), load_model_checkpoint(root)["state_dict"]
@@ -287,7 +285,7 @@ def test_class_weighting_trains_both_phases_deterministically(tiny_project, weig
 
 
 def test_the_best_epoch_by_macro_f1_or_accuracy():
-    from stages.lib.bookkeeping import EpochResult
+    from stages.lib.records import EpochResult
 
     accurate = EpochResult(1, "head", 0.5, 0.9, 0.4, val_acc=0.90, val_f1=0.60, lr=0.1)
     balanced = EpochResult(2, "head", 0.5, 0.9, 0.5, val_acc=0.85, val_f1=0.80, lr=0.1)
@@ -298,8 +296,8 @@ def test_the_best_epoch_by_macro_f1_or_accuracy():
 
 
 def test_a_leftover_state_of_other_params_or_a_finished_run_is_not_resumed(project, caplog):
-    from stages.lib.bookkeeping import read_resume_state
     from stages.lib.paths import TRAIN_STATE
+    from stages.lib.records import read_resume_state
 
     root = project()
     (root / "models").mkdir()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import torch
 
-from stages.lib.bookkeeping import EpochResult
+from stages.lib.records import EpochResult
 
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # times train.lr
 WEIGHT_DECAY_FACTORS = (0.1, 1.0, 10.0)  # times train.weight_decay (0 stays 0)
@@ -44,7 +44,7 @@ def with_head_setting(run, lr: float, weight_decay: float, timing: Counter | Non
 
 def search_head(new_head, fit, run) -> list[Trial]:
     """Every setting of the grid: `new_head()` makes a fresh head, `fit(head, run)` yields its
-    epochs' (EpochResult, state) as training.fit_head does. Torch's random state is as before."""
+    epochs (records.Epoch) as training.fit_head does. Torch's random state is as before."""
     select_on = run.params.train.select_on
     started = time.perf_counter()
     trials = []
@@ -53,9 +53,9 @@ def search_head(new_head, fit, run) -> list[Trial]:
         for lr, weight_decay in search_grid(run.params.train.lr, run.params.train.weight_decay):
             torch.set_rng_state(state)  # each trial starts where the head phase will
             best = None
-            for result, _ in fit(new_head(), with_head_setting(run, lr, weight_decay, Counter())):
-                if result.beats(best, select_on):
-                    best = result
+            for epoch in fit(new_head(), with_head_setting(run, lr, weight_decay, Counter())):
+                if epoch.result.beats(best, select_on):
+                    best = epoch.result
             trials.append(Trial(lr, weight_decay, best))
     run.timing["head_search"] += time.perf_counter() - started
     return trials

@@ -16,17 +16,29 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib.backbones import Preprocessing
-from stages.lib.bookkeeping import Books, EpochResult
+from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
+from stages.lib.calibration import fit_temperature, negative_log_likelihood
+from stages.lib.checkpoint import Checkpoint, save_checkpoint
 from stages.lib.classifier import Classifier, build_classifier, head_config, make_head, prefixed, unprefixed
 from stages.lib.cli import UserError
-from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
-from stages.lib.features import read_head_features
+from stages.lib.data import (
+    EpochSampler,
+    ImageDataset,
+    decode_size,
+    eval_transform,
+    make_loader,
+    read_classes,
+    read_split,
+    train_transform,
+)
+from stages.lib.features import read_head_features, split_probabilities
 from stages.lib.head_search import Trial, search_head, winner, with_head_setting
-from stages.lib.inference import feature_probabilities, loader_probabilities
+from stages.lib.inference import calibrate, feature_probabilities, loader_probabilities
 from stages.lib.metrics import val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
 from stages.lib.params import Params
+from stages.lib.paths import INDEX_CSV, MODEL, PRETRAINED, features_file
+from stages.lib.records import Epoch, EpochResult, Records, read_resume_state, run_fingerprint
 from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
 from stages.lib.significance import mcnemar_exact
 
@@ -55,10 +67,10 @@ def plan_for(params: Params, has_pretrained: bool) -> Plan:
         return Plan(head_first=True, network=False, pretrained=True, backbone_lr=0.0, head_lr=lr)
     if params.strategy == "scratch":
         return Plan(head_first=False, network=True, pretrained=False, backbone_lr=lr, head_lr=lr)
-    warm = params.train.head_epochs > 0
+    head_first = params.train.head_epochs > 0
     # A head trained on the features first should move as gently as the backbone under it.
-    return Plan(head_first=warm, network=True, pretrained=True, backbone_lr=lr * mult,
-                head_lr=lr * mult if warm else lr, gated=params.strategy == "auto")
+    return Plan(head_first=head_first, network=True, pretrained=True, backbone_lr=lr * mult,
+                head_lr=lr * mult if head_first else lr, gated=params.strategy == "auto")
 
 
 @dataclass
@@ -102,10 +114,10 @@ def make_run(params: Params, device: torch.device, train_labels: torch.Tensor, c
 
 
 @dataclass
-class Model:
-    """The classifier being trained. Until a network phase attaches the whole network only the
-    head exists and the backbone is the pretrained state dict: a frozen run never builds the
-    backbone (nor imports timm or torchvision)."""
+class ModelParts:
+    """The parts of the classifier being trained. Until a network phase attaches the whole network
+    (a `Classifier`) only the head exists and the backbone is the pretrained state dict: a frozen
+    run never builds the backbone (nor imports timm or torchvision)."""
     pretrained: dict | None
     head: nn.Module | None = None
     backbone: nn.Module | None = None
@@ -151,9 +163,9 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
     data is more than a sliver, the loader does not keep up. On cached features: on the CPU,
     quietly (an epoch takes milliseconds).
     """
-    p = run.params.train
+    settings = run.params.train
     device = run.device if on_images else torch.device("cpu")
-    amp, channels_last = (p.amp, p.channels_last) if on_images else (False, False)
+    amp, channels_last = (settings.amp, settings.channels_last) if on_images else (False, False)
     timing = run.timing if on_images else Counter()
     total_loss = correct = seen = 0
     # disable=None: a bar on a terminal, none in CI logs.
@@ -193,26 +205,27 @@ def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
-    """Train the head on cached features; yields (EpochResult, None) per epoch: head epochs take
+    """Train the head on cached features; yields an Epoch per epoch: head epochs take
     milliseconds, so an interrupted head phase starts over rather than resuming."""
-    p = run.params.train
+    settings = run.params.train
     views = train["features"].shape[1]
     inputs = train["features"].flatten(0, 1)
     labels = train["labels"].repeat_interleave(views)
-    generator = torch.Generator().manual_seed(p.seed)
-    sample_weights = balanced_sample_weights(labels, run.classes) if p.class_weighting == "sampler" else None
-    optimizer = build_optimizer([{"params": head.parameters(), "lr": p.lr}], p)
-    opt = Optimization(optimizer, build_scheduler(optimizer, p, math.ceil(len(labels) / p.head_batch_size), p.head_epochs))
-    for i in range(p.head_epochs):
+    generator = torch.Generator().manual_seed(settings.seed)
+    sample_weights = balanced_sample_weights(labels, run.classes) if settings.class_weighting == "sampler" else None
+    optimizer = build_optimizer([{"params": head.parameters(), "lr": settings.lr}], settings)
+    steps = math.ceil(len(labels) / settings.head_batch_size)
+    opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps, settings.head_epochs))
+    for i in range(settings.head_epochs):
         epoch = first_epoch + i
         started = time.perf_counter()
         head.train()
         lr = opt.lr()
-        batches = shuffled_batches(inputs, labels, p.head_batch_size, generator, sample_weights)
+        batches = shuffled_batches(inputs, labels, settings.head_batch_size, generator, sample_weights)
         train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
         probs = feature_probabilities(head, val, run.params.model.tta)
         run.timing["head"] += time.perf_counter() - started
-        yield EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr), None
+        yield Epoch(EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr))
 
 
 def keep_batchnorm_statistics(module: nn.Module, frozen_only: bool = False) -> None:
@@ -243,30 +256,31 @@ def freeze_early_weights(backbone: nn.Module, trainable_fraction: float) -> tupl
 def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object, object]:
     """The train split's sampler and loader (augmented, shuffled per epoch, crops of
     train.image_size), and the val loader (the backbone's own size, as test and predict)."""
-    p, pin = run.params.train, run.device.type == "cuda"
-    crops = replace(prep, input_size=p.image_size or prep.input_size)
+    settings, pin = run.params.train, run.device.type == "cuda"
+    crops = replace(prep, input_size=settings.image_size or prep.input_size)
     train_set = ImageDataset(read_split("train"), train_transform(crops, run.params.augment), decode_size(prep, True),
-                             p.seed)
+                             settings.seed)
     val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
     # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
     weights = None
-    if p.class_weighting == "sampler":
+    if settings.class_weighting == "sampler":
         weights = balanced_sample_weights(torch.tensor(train_set.labels), run.classes)
-    sampler = EpochSampler(len(train_set), shuffle=True, seed=p.seed, rank=run.rank, world_size=run.world_size,
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=settings.seed, rank=run.rank, world_size=run.world_size,
                            weights=weights)
-    return (sampler, make_loader(train_set, p.batch_size, sampler, p.workers, pin, p.seed),
-            make_loader(val_set, p.batch_size, None, p.workers, pin, p.seed))
+    return (sampler, make_loader(train_set, settings.batch_size, sampler, settings.workers, pin, settings.seed),
+            make_loader(val_set, settings.batch_size, None, settings.workers, pin, settings.seed))
 
 
 def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoch: int,
                          resume: dict | None) -> Optimization:
     """The backbone and the head as two groups at the plan's learning rates; as they were when
     resuming."""
-    p = run.params.train
+    settings = run.params.train
     groups = [{"params": [w for w in model.backbone.parameters() if w.requires_grad], "lr": plan.backbone_lr},
               {"params": model.head.parameters(), "lr": plan.head_lr}]
-    optimizer = build_optimizer(groups, p)
-    opt = Optimization(optimizer, build_scheduler(optimizer, p, steps_per_epoch, p.epochs), grad_scaler(run.device, p.amp))
+    optimizer = build_optimizer(groups, settings)
+    opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps_per_epoch, settings.epochs),
+                       grad_scaler(run.device, settings.amp))
     if resume is not None:
         opt.optimizer.load_state_dict(resume["optimizer"])
         opt.scheduler.load_state_dict(resume["scheduler"])
@@ -276,24 +290,25 @@ def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoc
 
 def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, first_epoch: int,
                 resume: dict | None = None):
-    """Train every layer on images; yields (EpochResult, state to resume from, per val image
-    whether it was right) per epoch.
+    """Train every layer on images; yields an Epoch per epoch, with the state to resume from and
+    which val images it got right.
 
     `resume` is such a state: the optimizer, scheduler and scaler continue where they were, and
     the epochs already done are skipped (each epoch's order and augmentations depend only on the
     seed and its number, so the rest runs as it would have)."""
-    p, device = run.params.train, run.device
+    settings, device = run.params.train, run.device
     sampler, train_loader, val_loader = network_loaders(run, prep)
     opt = network_optimization(model, run, plan, len(train_loader), resume)
     runner = model
     if run.world_size > 1:
         # Gradients are averaged across processes after each backward pass.
-        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if p.compile:
+        device_ids = [device.index] if device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if settings.compile:
         runner = torch.compile(runner)
     first = resume["epochs_done"] if resume is not None else 0
     network_started = time.perf_counter()
-    for i in range(first, p.epochs):
+    for i in range(first, settings.epochs):
         pace = (time.perf_counter() - network_started) / (i - first) if i > first else None
         if pace is not None and out_of_time(run, pace):
             log.info("train.time_budget: %.0f s spent, another epoch takes about %.0f s: stopping the network phase",
@@ -301,19 +316,19 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
             return
         sampler.set_epoch(i)
         runner.train()
-        keep_batchnorm_statistics(model.backbone, frozen_only=not p.freeze_bn)
+        keep_batchnorm_statistics(model.backbone, frozen_only=not settings.freeze_bn)
         lr = opt.lr()
         train_loss, train_acc = train_one_epoch(runner, train_loader, opt, run, first_epoch + i, on_images=True)
         started = time.perf_counter()
         # Every process scores the whole val split with the same weights, so all agree on the best
         # epoch; DDP's wrapper is for training only.
-        probs, labels = loader_probabilities(model, val_loader, device, run.params.model.tta, p.channels_last,
+        probs, labels = loader_probabilities(model, val_loader, device, run.params.model.tta, settings.channels_last,
                                              desc="validating")
         run.timing["validate"] += time.perf_counter() - started
         state = {"epochs_done": i + 1, "optimizer": opt.optimizer.state_dict(),
                  "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
         result = EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr)
-        yield result, state, (probs.argmax(1) == labels).tolist()
+        yield Epoch(result, state, (probs.argmax(1) == labels).tolist())
 
 
 def out_of_time(run: Run, epoch_seconds: float) -> bool:
@@ -330,12 +345,12 @@ def out_of_time(run: Run, epoch_seconds: float) -> bool:
 # again, and continues after its last completed epoch if params and inputs are the same.
 
 def early_stopped(epochs, patience: int, select_on: str, best: EpochResult | None = None, announce: bool = False):
-    """The epochs (tuples, an EpochResult first), up to `patience` epochs in a row that do not
-    beat `best` and the epochs before them (0: all of them)."""
+    """The epochs, up to `patience` epochs in a row that do not beat `best` and the epochs before
+    them (0: all of them)."""
     stale = 0
     for epoch in epochs:
         yield epoch
-        best, stale = (epoch[0], 0) if epoch[0].beats(best, select_on) else (best, stale + 1)
+        best, stale = (epoch.result, 0) if epoch.result.beats(best, select_on) else (best, stale + 1)
         if patience and stale >= patience:
             if announce:
                 log.info("no better val score for %d epochs: stopping this phase early", stale)
@@ -350,98 +365,159 @@ def pays_on_val(head_right: list[bool], right: list[bool]) -> bool:
     return only_network > only_head and mcnemar_exact(only_head, only_network) < 0.05
 
 
-def follow(epochs, books: Books, model: Model, patience: int, gate=None) -> None:
-    """Record a phase's (result, resume state[, val answers]) tuples, stopping early after
-    `patience` epochs without a better val score (0: never). With `gate`, an epoch can become the
-    best only if gate(its val answers) holds, and progress is measured against the phase's own
-    epochs (the first, still warming up, may trail the head)."""
-    for result, state, *answers in early_stopped(epochs, patience, books.params.train.select_on,
-                                                 None if gate else books.best, announce=True):
-        books.record(result, model, eligible=gate is None or gate(answers[0]))
-        if state is not None:
-            books.save_resume_state(model, network=state)
+def record_phase(epochs, records: Records, model: ModelParts, patience: int, gate=None) -> None:
+    """Record a phase's epochs, stopping early after `patience` epochs without a better val score
+    (0: never). With `gate`, an epoch can become the best only if gate(its val_right) holds, and
+    progress is measured against the phase's own epochs (the first, still warming up, may trail
+    the head)."""
+    for epoch in early_stopped(epochs, patience, records.params.train.select_on, None if gate else records.best,
+                               announce=True):
+        records.record(epoch.result, model, eligible=gate is None or gate(epoch.val_right))
+        if epoch.resume_state is not None:
+            records.save_resume_state(model, network=epoch.resume_state)
 
 
-def head_phase(model: Model, books: Books, run: Run, pretrained_sha256: str, resumed: dict | None) -> list[Trial]:
+def head_phase(model: ModelParts, records: Records, run: Run, pretrained_sha256: str,
+               resumed: dict | None) -> list[Trial]:
     """A new head on the cached features; or, resuming, the head the interrupted run left.
     Returns the head settings tried (lib/head_search.py): the grid with train.head_search, else
     the one setting of params.yaml."""
-    p = run.params
+    params = run.params
     train_features, val_features = read_head_features(pretrained_sha256)
     width = train_features["features"].shape[-1]
 
     def new_head() -> nn.Module:
-        return make_head(width, len(books.classes), **head_config(p.model))
+        return make_head(width, len(records.classes), **head_config(params.model))
 
     def fit(head: nn.Module, head_run: Run):
-        return early_stopped(fit_head(head, train_features, val_features, head_run, 1), p.train.patience,
-                             p.train.select_on)
+        return early_stopped(fit_head(head, train_features, val_features, head_run, 1), params.train.patience,
+                             params.train.select_on)
 
-    trials = search_head(new_head, fit, run) if p.train.head_search else []
+    trials = search_head(new_head, fit, run) if params.train.head_search else []
     if trials:
-        chosen = winner(trials, p.train.select_on)
+        chosen = winner(trials, params.train.select_on)
         log.info("head search: lr %.3g, weight decay %.3g of %d settings (val %s %.4f, loss %.4f)", chosen.lr,
-                 chosen.weight_decay, len(trials), p.train.select_on, chosen.best.score(p.train.select_on),
+                 chosen.weight_decay, len(trials), params.train.select_on, chosen.best.score(params.train.select_on),
                  chosen.best.val_loss)
         run = with_head_setting(run, chosen.lr, chosen.weight_decay)
     model.head = new_head()
     if resumed is not None:
-        books.resume(resumed)
+        records.resume(resumed)
         model.load_state_dict(resumed["model"])
     else:
-        follow(fit_head(model.head, train_features, val_features, run, 1), books, model, p.train.patience)
-        books.restore_best(model)
-        probs = feature_probabilities(model.head, val_features, p.model.tta)
-        books.head_val_right = (probs.argmax(1) == val_features["labels"]).tolist()
-        books.save_resume_state(model)
-    head_epochs = [Trial(p.train.lr, p.train.weight_decay, r) for r in books.history if r.phase == "head"]
+        record_phase(fit_head(model.head, train_features, val_features, run, 1), records, model, params.train.patience)
+        records.restore_best(model)
+        probs = feature_probabilities(model.head, val_features, params.model.tta)
+        records.head_val_right = (probs.argmax(1) == val_features["labels"]).tolist()
+        records.save_resume_state(model)
+    head_epochs = [Trial(params.train.lr, params.train.weight_decay, r) for r in records.history if r.phase == "head"]
     if trials or not head_epochs:
         return trials
-    return [winner(head_epochs, p.train.select_on)]  # the one setting, with its best head epoch
+    return [winner(head_epochs, params.train.select_on)]  # the one setting, with its best head epoch
 
 
-def network_phase(model: Model, books: Books, run: Run, prep: Preprocessing, plan: Plan,
+def network_phase(model: ModelParts, records: Records, run: Run, prep: Preprocessing, plan: Plan,
                   resumed: dict | None) -> None:
     """Every layer on the images, from the warm head, the pretrained backbone or random weights."""
-    p = run.params
+    params = run.params
     # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
     torch.use_deterministic_algorithms(True, warn_only=True)
     if resumed is not None and resumed["network"] is None:
         torch.set_rng_state(resumed["rng"])  # as it was when the head phase ended
-    network = build_classifier(p.model.backbone, len(books.classes), head_config(p.model))
+    network = build_classifier(params.model.backbone, len(records.classes), head_config(params.model))
     if plan.pretrained:
         network.backbone.load_state_dict(model.pretrained)
     if plan.head_first:
         network.head = model.head
     if resumed is not None:
         if not plan.head_first:
-            books.resume(resumed)
+            records.resume(resumed)
         network.load_state_dict(resumed["model"])
     model.head, model.backbone = network.head, network.backbone
-    if plan.pretrained and p.train.trainable_fraction < 1:
-        trainable, weights = freeze_early_weights(network.backbone, p.train.trainable_fraction)
+    if plan.pretrained and params.train.trainable_fraction < 1:
+        trainable, weights = freeze_early_weights(network.backbone, params.train.trainable_fraction)
         log.info("the last %d of the backbone's %d weight tensors train (train.trainable_fraction %g)", trainable,
-                 weights, p.train.trainable_fraction)
+                 weights, params.train.trainable_fraction)
     network.to(run.device)
-    if p.train.channels_last:
+    if params.train.channels_last:
         network.to(memory_format=torch.channels_last)
-    first_epoch = (p.train.head_epochs if plan.head_first else 0) + 1
+    first_epoch = (params.train.head_epochs if plan.head_first else 0) + 1
     if resumed is not None and resumed["network"] is not None:
         torch.set_rng_state(resumed["rng"])  # as it was after the last completed epoch
     epochs = fit_network(network, run, prep, plan, first_epoch, resumed["network"] if resumed is not None else None)
     if plan.gated:
         # Fine-tune only while the network's val score improves, and adopt an epoch only if it is
         # significantly better than the head.
-        follow(epochs, books, model, 1, gate=lambda right: pays_on_val(books.head_val_right, right))
+        record_phase(epochs, records, model, 1, gate=lambda right: pays_on_val(records.head_val_right, right))
     else:
-        follow(epochs, books, model, p.train.patience)
+        record_phase(epochs, records, model, params.train.patience)
 
 
-def train_model(plan: Plan, model: Model, books: Books, run: Run, prep: Preprocessing, pretrained_sha256: str,
+def train_model(plan: Plan, model: ModelParts, records: Records, run: Run, prep: Preprocessing, pretrained_sha256: str,
                 resumed: dict | None) -> list[Trial]:
     """The phases the plan asks for; models/model.pt holds the best epoch after each improvement.
     Returns the head settings tried (none without a head phase)."""
-    trials = head_phase(model, books, run, pretrained_sha256, resumed) if plan.head_first else []
+    trials = head_phase(model, records, run, pretrained_sha256, resumed) if plan.head_first else []
     if plan.network:
-        network_phase(model, books, run, prep, plan, resumed)
+        network_phase(model, records, run, prep, plan, resumed)
     return trials
+
+
+# --- the whole of it ---------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    records: Records  # every epoch, and the best one
+    run: Run  # its timing included
+    trials: list[Trial]  # the head settings tried
+    checkpoint: Checkpoint  # the best epoch, its temperature fitted: what models/model.pt holds
+
+
+def with_fitted_temperature(checkpoint: Checkpoint, params: Params) -> Checkpoint:
+    """The checkpoint with the temperature that makes its val probabilities best calibrated (the
+    lowest NLL); the predicted classes do not change."""
+    probs, labels = split_probabilities(checkpoint, "val", read_split("val"), params.train.batch_size,
+                                        params.train.workers)
+    log_probs, y = probs.clamp_min(1e-12).log().numpy(), labels.numpy()
+    temperature = fit_temperature(log_probs, y)
+    before = negative_log_likelihood(probs.numpy(), y)
+    after = negative_log_likelihood(calibrate(probs, temperature).numpy(), y)
+    log.info("temperature %.4g fitted on the val split: NLL %.4f -> %.4f", temperature, before, after)
+    return replace(checkpoint, temperature=temperature)
+
+
+def train_and_calibrate(params: Params, device: torch.device, live=None, rank: int = 0,
+                        world_size: int = 1) -> Trained:
+    """What the train stage does to the model: the strategy's phases on the train split, the best
+    epoch on val, its temperature fitted on val, written to models/model.pt (by the first process).
+    A run interrupted before resumes from models/train_state.pt if its params and inputs are the
+    same; Ctrl-C or SIGTERM leave the best epoch so far in models/model.pt. `live`: DVCLive, to
+    log every epoch."""
+    torch.manual_seed(params.train.seed)
+    classes = read_classes()
+    pretrained, pretrained_sha256 = read_pretrained_and_sha256(PRETRAINED)
+    plan = plan_for(params, has_pretrained=pretrained["state_dict"] is not None)
+    prep = Preprocessing.from_dict(pretrained["preprocessing"])
+    run = make_run(params, device, torch.tensor(read_split("train")["label"].tolist()), len(classes), rank,
+                   world_size)
+    log.info("strategy %s, backbone %s, %d classes, device %s", params.strategy, params.model.backbone, len(classes),
+             device)
+    fingerprint = run_fingerprint(params, [PRETRAINED, INDEX_CSV, features_file("train"), features_file("val")],
+                                  {PRETRAINED: pretrained_sha256})
+    records = Records(params, classes, prep, pretrained_sha256, run.timing, live, fingerprint, writes=rank == 0)
+    model = ModelParts(pretrained["state_dict"])
+    try:
+        trials = train_model(plan, model, records, run, prep, pretrained_sha256, read_resume_state(fingerprint))
+    except KeyboardInterrupt:
+        records.save_best()
+        log.error("interrupted: %s keeps the best epoch so far (%s)", MODEL,
+                  records.best.epoch if records.best else "none yet")
+        raise
+    records.save_best()
+    records.save_resume_state(model, complete=True)
+    best = records.best
+    log.info("best epoch %d (%s): val acc %.4f, val loss %.4f", best.epoch, best.phase, best.val_acc, best.val_loss)
+    checkpoint = with_fitted_temperature(records.best_checkpoint, params)
+    if records.writes:
+        save_checkpoint(MODEL, checkpoint)
+    return Trained(records, run, trials, checkpoint)

@@ -34,6 +34,7 @@ def train_params(params: Params) -> dict:
 
 @dataclass
 class EpochResult:
+    """An epoch's scores: what the logs, the plots and the checkpoint record."""
     epoch: int  # counted across phases, from 1
     phase: str  # "head" (on cached features) or "network"
     train_loss: float
@@ -51,18 +52,28 @@ class EpochResult:
         return other is None or (self.score(select_on), -self.val_loss) > (other.score(select_on), -other.val_loss)
 
 
-class Books:
-    """Logs every epoch, keeps the best one, and leaves a state to resume from.
+@dataclass
+class Epoch:
+    """What a phase hands over per epoch: its scores, and for the network phase the state to resume
+    from and which val images it got right (strategy auto compares them with the head's)."""
+    result: EpochResult
+    resume_state: dict | None = None  # optimizer, scheduler and scaler after this epoch
+    val_right: list[bool] | None = None
 
-    Under torchrun every process keeps the same books; only the first (with `live`) writes.
-    `model` arguments are training.Model: the head, and the backbone or its pretrained state.
+
+class Records:
+    """Logs every epoch (DVCLive, when `live` is given), keeps the best one (models/model.pt) and
+    leaves a state to resume from (models/train_state.pt).
+
+    Under torchrun every process keeps the same records; only the first (`writes`) writes files.
+    `model` arguments are training.ModelParts: the head, and the backbone or its pretrained state.
     """
 
     def __init__(self, params: Params, classes: list[str], prep: Preprocessing, pretrained_sha256: str,
-                 timing: Counter, live=None, fingerprint: str = ""):
+                 timing: Counter, live=None, fingerprint: str = "", writes: bool = True):
         self.timing = timing  # the run's seconds per kind of work, kept across a resume
         self.params, self.classes, self.prep, self.pretrained_sha256 = params, classes, prep, pretrained_sha256
-        self.live, self.writes, self.fingerprint = live, live is not None, fingerprint
+        self.live, self.writes, self.fingerprint = live, writes, fingerprint
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
         self.best_state: dict | None = None  # the best epoch's state while it is not yet on disk
