@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 ARGS ?=
 
-.PHONY: run repro exp metrics plots test test-fast clean-venv
+.PHONY: run repro exp exp-show metrics plots test test-fast lint deps clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,8 +29,14 @@ metrics: $(STAMP)
 plots: $(STAMP)
 	$(BIN)/dvc plots show $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+deps: $(STAMP)              # each stage's code deps in dvc.yaml: the files it imports (tools/code_deps.py)
+	$(BIN)/python -m tools.code_deps --write
 
 test-fast: $(STAMP)         # the suite without the tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)

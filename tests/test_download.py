@@ -231,7 +231,8 @@ def tar_with_symlink(tmp_path: Path, name: str, target: str) -> Path:
         ([("ok/a.txt", b"a"), ("../evil.txt", b"x")], r"member '\.\./evil\.txt' contains '\.\.'"),
         ([("ok/../../evil.txt", b"x")], r"member 'ok/\.\./\.\./evil\.txt' contains '\.\.'"),
         ([("/etc/evil.txt", b"x")], r"member '/etc/evil\.txt' has an absolute path"),
-        ([zip_symlink("ok/link", "../../etc/passwd")], r"member 'ok/link' is a link to '\.\./\.\./etc/passwd', outside"),
+        ([zip_symlink("ok/link", "../../etc/passwd")],
+         r"member 'ok/link' is a link to '\.\./\.\./etc/passwd', outside"),
         ([zip_symlink("ok/link", "/etc/passwd")], r"member 'ok/link' is a link to '/etc/passwd', outside"),
     ],
 )
@@ -258,7 +259,8 @@ def test_link_inside_the_archive_is_allowed_but_not_unpacked(project, tmp_path):
 def test_zip_bomb_over_the_cap_is_refused(project, tmp_path):
     archive = zip_with(tmp_path, [("ok/small.bin", b"1"), ("ok/bomb.bin", bytes(3 * 2**20))])
     assert archive.stat().st_size < 20_000
-    with pytest.raises(UserError, match=r"member 'ok/bomb.bin' takes the unpacked size past data.max_unpacked_mb \(1 MB\)"):
+    message = r"member 'ok/bomb.bin' takes the unpacked size past data.max_unpacked_mb \(1 MB\)"
+    with pytest.raises(UserError, match=message):
         run_download(project, url=str(archive), max_unpacked_mb=1)
     assert not Path("data/raw").exists() and leftovers(Path.cwd()) == []
 
@@ -385,31 +387,31 @@ def test_a_folder_follows_the_archive_rules(project, tmp_path):
 
 
 def test_a_folder_cannot_be_pinned_nor_overlap_the_project_data(project, tmp_path):
-    from stages import source
+    from stages import check
 
     make_image_tree(tmp_path / "photos", {"cat": 1, "dog": 1})
     project(data={"url": str(tmp_path / "photos")})  # the default sha256 pin stays
     with pytest.raises(UserError, match=r"^params.yaml: data.sha256 pins an archive, but data.url .*photos is a "
                                         r"folder; set data.sha256 to null$"):
-        source.main()
+        check.main()
     for url in (".", "data", "data/raw/x"):
         (tmp_path / "data/raw/x").mkdir(parents=True, exist_ok=True)
         project(data={"url": url, "sha256": None})
         with pytest.raises(UserError, match=r"overlaps the project's data/ folder; point it at your images folder"):
-            source.main()
+            check.main()
 
 
 def test_the_source_fingerprint_changes_with_the_folder_content_only(project, tmp_path):
     import os
 
-    from stages import source
+    from stages import check
 
     photos = tmp_path / "photos"
     make_image_tree(photos, {"cat": 2, "dog": 2})
     root = project(data={"url": str(photos), "sha256": None})
 
     def fingerprint() -> str:
-        source.main()
+        check.main()
         return (root / "data/source.json").read_text()
 
     first = fingerprint()

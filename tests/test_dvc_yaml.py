@@ -1,5 +1,5 @@
-"""dvc.yaml says exactly what each stage reads: its code (the import closure), its params, and
-the check_params gate in front of them."""
+"""dvc.yaml says exactly what each stage reads: its code (the import closure, less plumbing), its
+params, and the check stage in front of them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tests.code_deps import stage_code_deps
 from tests.conftest import PROJECT_ROOT
+from tools.code_deps import PLUMBING, import_closure, stage_code_deps
 
 PIPELINE = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -23,29 +23,42 @@ def declared_params(stage: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
-def test_code_deps_are_exactly_the_files_the_stage_imports(name):
-    declared = {dep for dep in PIPELINE[name]["deps"] if dep.startswith("stages/")}
-    closure = stage_code_deps(name)
-    assert declared == closure, (
-        f"{name}: dvc.yaml lists {sorted(declared - closure)} that it does not import, and misses "
-        f"{sorted(closure - declared)}; `python -m tests.code_deps` prints the right list")
+def test_code_deps_are_exactly_the_files_the_stage_imports_less_plumbing(name):
+    declared = [dep for dep in PIPELINE[name]["deps"] if dep.startswith("stages/")]
+    expected = stage_code_deps(name)
+    assert declared == expected, (
+        f"{name}: dvc.yaml lists {sorted(set(declared) - set(expected))} that it does not import, and misses "
+        f"{sorted(set(expected) - set(declared))} (or has them in another order); run `make deps`")
+    data = [dep for dep in PIPELINE[name]["deps"] if not dep.startswith("stages/")]
+    assert PIPELINE[name]["deps"] == data + declared, f"{name}: the data deps come first, then the code"
+
+
+def test_plumbing_decides_nothing_a_stage_writes():
+    # The launcher and the error reporting import nothing of the project but each other.
+    for path in sorted(PLUMBING):
+        module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        assert import_closure(module) <= PLUMBING, path
 
 
 def test_the_library_never_imports_a_stage():
-    from tests.code_deps import import_closure
-
     for module in sorted((PROJECT_ROOT / "stages/lib").glob("*.py")):
         imported = import_closure(f"stages.lib.{module.stem}")
         assert {path for path in imported if not path.startswith("stages/lib/")} == {"stages/__init__.py"}, module
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINE))
-def test_every_declared_param_is_gated_by_check_params(name):
-    stage = PIPELINE[name]
-    gates = {dep for dep in stage["deps"] if dep.startswith("data/params/")}
-    assert gates == {f"data/params/{key}.json" for key in declared_params(stage)}
-    if name == "check_params":
-        assert stage["params"] == [{"params.yaml": None}] and stage["outs"] == ["data/params"]
+def test_every_stage_waits_for_the_check_and_declares_each_param_once():
+    check = PIPELINE["check"]
+    assert check["always_changed"] and "params" not in check
+    assert check["outs"] == ["data/params.ok", "data/source.json"]
+    for name, stage in PIPELINE.items():
+        if name != "check":
+            assert stage["deps"][0] == "data/params.ok", name
+        # Once: not beside a section that holds it, and nowhere as a file (params: is DVC's own tracking).
+        declared = declared_params(stage)
+        assert not [key for key in declared if any(key.startswith(other + ".") for other in declared)], name
+        assert len(declared) == len(set(declared)), name
+        assert not [dep for dep in stage["deps"] if dep.startswith("data/params") and dep != "data/params.ok"], name
+    assert PIPELINE["download"]["deps"][:2] == ["data/params.ok", "data/source.json"]
 
 
 def test_every_stage_runs_through_python_m_stages():
@@ -56,8 +69,21 @@ def test_every_stage_runs_through_python_m_stages():
 
     assert {name: stage["cmd"] for name, stage in PIPELINE.items()} == {
         name: f"python -m stages {name}" for name in STAGES}
-    result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {check_params,source,download,")
+    result = subprocess.run([sys.executable, "-m", "stages", "nonsense"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr.startswith("usage: python -m stages {check,download,index,")
+
+
+def test_make_deps_writes_what_the_test_expects(tmp_path):
+    from tools.code_deps import write_into_pipeline
+
+    copy = tmp_path / "dvc.yaml"
+    text = (PROJECT_ROOT / "dvc.yaml").read_text()
+    # A code dep missing and a stale one present: the generator puts the right list back.
+    copy.write_text(text.replace("stages/train.py, ", "stages/train.py, stages/lib/leaks.py, ", 1)
+                    .replace("stages/lib/training.py", "", 1).replace(", ]", "]"))
+    write_into_pipeline(copy)
+    assert copy.read_text() == text
 
 
 # --- each stage reads exactly the params it declares -------------------------------------------
@@ -98,7 +124,8 @@ def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypat
     data["data"].update(url=str(archive), sha256=None)
     (root / "params.yaml").write_text(yaml.safe_dump(data))
     real_load = params_module.load_params
-    for name in [stage for stage in PIPELINE if stage != "check_params"]:
+    # check reads every param (it validates them all) and declares none: it always runs.
+    for name in [stage for stage in PIPELINE if stage != "check"]:
         seen: set[str] = set()
         module = importlib.import_module(f"stages.{name}")
         if hasattr(module, "load_params"):
@@ -108,7 +135,7 @@ def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypat
         undeclared = sorted(read for read in seen if not covered(read, declared))
         unread = sorted(key for key in declared if not any(covered(read, [key]) for read in seen))
         assert not undeclared and not unread, f"{name} reads {undeclared} undeclared; declares {unread} unread"
-    assert json.loads((root / "metrics/eval.json").read_text())["images"] > 0
+    assert json.loads((root / "metrics/eval/summary.json").read_text())["images"] > 0
     assert os.path.isdir(root / "models/export")
 
 

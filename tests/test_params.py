@@ -1,6 +1,5 @@
 """The typed params loader: every stage stops on a bad params.yaml before doing any work."""
 
-import os
 import subprocess
 import sys
 
@@ -53,12 +52,11 @@ def test_stage_prints_one_line_and_writes_nothing(project, command):
     root = project(index={"seed": "x"})
     result = subprocess.run(
         [sys.executable, *command], cwd=root, capture_output=True, text=True,
-        # A bare environment, but the session's folder for the warm server the stage leaves (conftest).
-        env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin",
-             "DVC_TRANSFER_WARM_DIR": os.environ["DVC_TRANSFER_WARM_DIR"]},
+        env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer (got 'x')"
+        "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'x')"
     ]
     assert not (root / "data").exists()

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, deep_merge, tiny_training_params, write_gradient_image, write_random_backbone, zip_tree
+from tests.conftest import (
+    PROJECT_ROOT,
+    deep_merge,
+    tiny_training_params,
+    write_gradient_image,
+    write_random_backbone,
+    zip_tree,
+)
 
 VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # a session-wide `dvc repro` and a dozen DVC commands: about two minutes
@@ -35,8 +42,8 @@ def output(args: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
-# The source stage always runs (it fingerprints a local data folder), so DVC calls it changed.
-UP_TO_DATE = {"source": ["always changed"]}
+# The check stage always runs (it fingerprints a local data folder), so DVC calls it changed.
+UP_TO_DATE = {"check": ["always changed"]}
 
 
 def stages_run(text: str) -> list[str]:
@@ -70,7 +77,8 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
     zip_tree(source, mirror / "tiny_data.zip")
     params = deep_merge(
         yaml.safe_load((work / "params.yaml").read_text()),
-        tiny_training_params("tiny_backbone.pt", data={"url": "https://example.invalid/datasets/tiny_data.zip", "sha256": None}),
+        tiny_training_params("tiny_backbone.pt",
+                             data={"url": "https://example.invalid/datasets/tiny_data.zip", "sha256": None}),
     )
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = project_env(mirror)
@@ -96,15 +104,18 @@ def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
 def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
-    assert stages_run(first) == ["check_params", "source", "download", "index", "weights", "features", "leaks",
-                                 "train", "evaluate", "export_backbone", "export"]
-    assert json.loads((work / "metrics/leaks.json").read_text())["threshold"] == 0.82
-    summary = json.loads((work / "metrics/data.json").read_text())
+    assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "train", "evaluate",
+                                 "export_backbone", "export"]
+    assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
+    summary = json.loads((work / "metrics/index/summary.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
-    assert json.loads((work / "metrics/eval.json").read_text())["images"] == 6
+    assert json.loads((work / "metrics/data.json").read_text()) == {"images": 22, "classes": 2, "skipped": 0}
+    assert json.loads((work / "metrics/eval/summary.json").read_text())["images"] == 6
+    assert set(json.loads((work / "metrics/eval.json").read_text())) == {"accuracy", "macro_f1", "ece"}
+    assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy", "best_epoch"}
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
     again = output(["dvc", "repro"], work, env)
-    assert stages_run(again) == ["source"] and "didn't change, skipping" in again
+    assert stages_run(again) == ["check"] and "didn't change, skipping" in again
 
 
 def test_experiments_rerun_only_what_their_params_reach(project_copy):
@@ -112,11 +123,11 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     # A train param reruns train and what follows; a frozen model reuses the features and the
     # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
     experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check_params", "source", "train", "evaluate", "export"]
+    assert stages_run(experiment) == ["check", "train", "evaluate", "export"]
     assert "cached test features" in experiment and "joining its export" in experiment
     # A speed setting of evaluate does not retrain.
     experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
-    assert stages_run(experiment) == ["check_params", "source", "evaluate"]
+    assert stages_run(experiment) == ["check", "evaluate"]
     shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
     header, *rows = shown.strip().splitlines()
     assert "strategy" in header and "accuracy" in header
@@ -133,13 +144,13 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # The same files as the archive held: download reruns, and DVC sees data/raw unchanged.
     repro = output(["dvc", "repro"], work, env)
-    assert stages_run(repro) == ["check_params", "source", "download"] and "as hard links" in repro
+    assert stages_run(repro) == ["check", "download"] and "as hard links" in repro
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "a folder source"], work, env)
-    assert stages_run(output(["dvc", "repro"], work, env)) == ["source"]
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["check"]
     # A photo added to the folder reruns download and everything after it.
     write_gradient_image(folder / "tiny_data/train/ants/new.png", (120, 200, 30))
-    assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["source", "download", "index"]
+    assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["check", "download", "index"]
     assert json.loads((work / "metrics/data.json").read_text())["images"] == 23
     assert {"features", "train"} <= set(json.loads(output(["dvc", "status", "--json"], work, env)))
     # Metrics are git-tracked, so commits compare without a DVC remote.
@@ -157,6 +168,11 @@ def tracked_files(root: Path) -> dict[str, str]:
             if path.is_file() and "archives" not in path.parts:
                 files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
+
+
+def without_check(files: dict[str, str]) -> dict[str, str]:
+    """The check stage's own outputs, which DVC removes before running it, left out."""
+    return {k: v for k, v in files.items() if k not in ("data/params.ok", "data/source.json")}
 
 
 def corrupt(params: dict, case: str) -> dict:
@@ -177,7 +193,7 @@ def corrupt(params: dict, case: str) -> dict:
 
 
 BAD_PARAMS = {
-    "unknown top-level key": "error: params.yaml: unknown key 'foo'; remove it or fix its spelling (see README, Parameters)",
+    "unknown top-level key": "error: params.yaml: unknown key 'foo'; remove it or fix its spelling",
     "unknown nested key": "error: params.yaml: unknown key 'train.learning_rate'; remove it or fix its spelling",
     "wrong type": "error: params.yaml: train.lr: Input should be a valid number, unable to parse string as a number "
                   "(got 'fast')",
@@ -200,19 +216,16 @@ def test_bad_params_stop_the_run_before_any_output_is_removed(project_copy):
         assert result.returncode != 0, case
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith(message), (case, result.stderr)
-        assert stages_run(result.stdout) in ([], ["check_params"]), (case, result.stdout)
-        after = tracked_files(work)
-        assert {k: v for k, v in after.items() if not k.startswith("data/params/")} == \
-               {k: v for k, v in before.items() if not k.startswith("data/params/")}, case
+        assert stages_run(result.stdout) == ["check"], (case, result.stdout)
+        assert without_check(tracked_files(work)) == without_check(before), case
     # The same through an experiment, as a user would try it.
     (work / "params.yaml").write_text(good_text)
     result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], work, env, ok=False)
     assert result.returncode != 0 and "error: params.yaml: train.lr: Input should be a valid number" in result.stderr
-    assert {k: v for k, v in tracked_files(work).items() if not k.startswith("data/params/")} == \
-           {k: v for k, v in before.items() if not k.startswith("data/params/")}
-    # Fixed again: nothing but the gate may rerun, and the pipeline is up to date.
+    assert without_check(tracked_files(work)) == without_check(before)
+    # Fixed again: nothing but the check reruns, and the pipeline is up to date.
     (work / "params.yaml").write_text(good_text)
-    assert stages_run(output(["dvc", "repro"], work, env)) in (["source"], ["check_params", "source"])
+    assert stages_run(output(["dvc", "repro"], work, env)) == ["check"]
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
 
 
@@ -239,7 +252,7 @@ def test_dvc_from_the_venv_without_activating_it(project_copy, tmp_path):
 
 def test_a_queued_experiment_runs_in_the_background(project_copy):
     work, env = project_copy
-    # An evaluate-only param, so the queued experiment runs check_params, source and evaluate alone:
+    # An evaluate-only param, so the queued experiment runs check and evaluate alone:
     # the queue's mechanics are under test here, not training.
     run(["dvc", "exp", "run", "--queue", "-S", "evaluate.grid_images=3", "-n", "sweep-3"], work, env)
     # The worker it starts inherits its stdout and stderr and lives on for up to 10 s after the queue
@@ -278,9 +291,9 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     run(["git", "clone", "-q", str(work), str(clone)], work.parent, env)
     run(["dvc", "pull"], clone, env)
     for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt",
-                 "data/params/train.json"):
+                 "data/params.ok"):
         assert (clone / path).exists(), path
-    assert stages_run(output(["dvc", "repro"], clone, env)) == ["source"]
+    assert stages_run(output(["dvc", "repro"], clone, env)) == ["check"]
     # The model registry: a version tag, and the model fetched by name from another place.
     run(["git", "tag", "-a", "image-classifier@v1.0.0", "-m", "Registering artifact image-classifier version v1.0.0"],
         work, env)  # what `gto register image-classifier` makes
@@ -290,4 +303,4 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     assert (fetched / "model.pt").read_bytes() == (work / "models/model.pt").read_bytes()
     run(["git", "tag", "-a", "image-classifier-export@v1.0.0", "-m", "export v1.0.0"], work, env)
     run(["dvc", "artifacts", "get", str(work), "image-classifier-export", "-o", "export"], fetched, env)  # the latest
-    assert sorted(p.name for p in (fetched / "export").iterdir()) == ["model.json", "model.onnx", "model.ts"]
+    assert sorted(p.name for p in (fetched / "export").iterdir()) == ["model.json", "model.onnx"]

@@ -3,14 +3,14 @@
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
-STAGE_PARAMS_DIR = Path("data/params")  # check_params: each key's value, once params.yaml is valid
-
-SOURCE_JSON = Path("data/source.json")  # source: a fingerprint of what data.url names, for DVC to watch
+PARAMS_OK = Path("data/params.ok")  # check: written only when params.yaml is valid; every stage depends on it
+SOURCE_JSON = Path("data/source.json")  # check: a fingerprint of what data.url names, for DVC to watch
 SHELF_DIR = Path("data/archives")  # archives the project ships, found before the network
 RAW_DIR = Path("data/raw")
 INDEX_CSV = Path("data/index.csv")
 CLASSES_JSON = Path("data/classes.json")
-DATA_METRICS = Path("metrics/data.json")
+DATA_METRICS = Path("metrics/data.json")  # the headline numbers: what `dvc metrics show` prints
+DATA_SUMMARY = Path("metrics/index/summary.json")  # all of them: counts per split and class, skipped files
 DATASET_PNG = Path("metrics/index/dataset.png")  # images per class and split, image sizes
 
 PRETRAINED = Path("models/pretrained.pt")
@@ -19,18 +19,21 @@ AUGMENTATIONS_PNG = Path("metrics/features/augmentations.png")  # what the netwo
 
 MODEL = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
-LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json and per-epoch plots
+TRAIN_METRICS = Path("metrics/train.json")  # the best epoch and its val accuracy
+LIVE_DIR = Path("metrics/train")  # DVCLive: the best epoch's val scores (metrics.json) and per-epoch plots
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
 HEAD_SEARCH_CSV = LIVE_DIR / "head_search.csv"  # the head settings tried (lib/head_search.py)
 TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
 
 LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicates across splits: their count
+LEAKS_SUMMARY = Path("metrics/leaks/summary.json")  # and the threshold, the images of each split in a pair
 LEAK_PAIRS_CSV = Path("metrics/leaks.csv")
 LEAK_PAIRS_PNG = Path("metrics/leaks/pairs.png")
 
-EVAL_JSON = Path("metrics/eval.json")
+EVAL_JSON = Path("metrics/eval.json")  # test accuracy, macro-F1, calibration error
 PREDICTIONS_CSV = Path("metrics/predictions.csv")
 EVAL_DIR = Path("metrics/eval")
+EVAL_SUMMARY = EVAL_DIR / "summary.json"  # with 95% intervals, balanced accuracy, loss, Brier score, ...
 CONFUSION_CSV = EVAL_DIR / "confusion.csv"
 GRID_PNG = EVAL_DIR / "predictions.png"
 MISCLASSIFIED_PNG = EVAL_DIR / "misclassified.png"
@@ -51,7 +54,3 @@ def features_file(split: str) -> Path:
     """One file per split, so that dvc.yaml can show the train stage never reads the test split."""
     return FEATURES_DIR / f"{split}.pt"
 
-
-def param_file(key: str) -> Path:
-    """check_params' file of one key (`train`, `model.backbone`): what a stage declaring it depends on."""
-    return STAGE_PARAMS_DIR / f"{key}.json"

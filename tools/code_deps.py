@@ -1,18 +1,27 @@
-"""Which project files each stage's module imports, transitively, imports inside functions included.
+"""Each stage's code deps: the project files its module imports, transitively (imports inside
+functions included), less the launch plumbing, which cannot change what a stage writes.
 
-dvc.yaml must list exactly these as the stage's code deps (tests/test_dvc_yaml.py checks it):
-a shared module edited reruns every stage that uses it, and only those.
-`python -m tests.code_deps` prints the lists; `python -m tests.code_deps --write` puts them into
-dvc.yaml in place of each stage's `stages/` deps (other deps and comments are kept).
+dvc.yaml lists exactly these after each stage's data deps (tests/test_dvc_yaml.py checks it), so
+an edited module reruns every stage that uses it, and only those. `make deps` writes them into
+dvc.yaml; `python -m tools.code_deps` prints them.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "stages"
+# How a stage starts and reports a bad input (one line, an exit status): nothing here may decide
+# what a stage writes.
+PLUMBING = {"stages/__init__.py", "stages/__main__.py", "stages/lib/__init__.py", "stages/lib/cli.py"}
+DEPS_BLOCK = re.compile(r"^(  (\w+):\n    cmd: .*\n(?:    (?!deps:).*\n)*)    deps: \[([^\]]*)\]\n", re.M)
+INDENT = " " * 11  # under the first entry of `    deps: [`
+WIDTH = 118
 
 
 def module_file(name: str) -> Path | None:
@@ -56,31 +65,34 @@ def import_closure(module: str) -> set[str]:
     return {p.relative_to(ROOT).as_posix() for p in seen}
 
 
-def stage_code_deps(stage: str) -> set[str]:
-    """What `python -m stages STAGE` runs: stages/__main__.py and the stage module's closure."""
-    return import_closure(f"{PACKAGE}.{stage}") | import_closure(f"{PACKAGE}.__main__")
+def stage_code_deps(stage: str) -> list[str]:
+    """What decides the stage's outputs: its module's closure less the plumbing, the module first."""
+    module = f"{PACKAGE}/{stage}.py"
+    return [module, *sorted(import_closure(f"{PACKAGE}.{stage}") - PLUMBING - {module})]
+
+
+def deps_lines(entries: list[str], code: list[str]) -> str:
+    """`    deps: [data..., code...]`: the data deps first, the code deps wrapped below them."""
+    data = [e for e in entries if not e.startswith(f"{PACKAGE}/")]
+    groups = [textwrap.wrap(", ".join(group), WIDTH - len(INDENT), break_on_hyphens=False)
+              for group in (data, code) if group]
+    return "    deps: [" + f",\n{INDENT}".join(f"\n{INDENT}".join(lines) for lines in groups) + "]\n"
 
 
 def write_into_pipeline(pipeline: Path) -> None:
-    import re
+    def rewritten(match: re.Match) -> str:
+        entries = [e.strip() for e in match.group(3).split(",") if e.strip()]
+        return match.group(1) + deps_lines(entries, stage_code_deps(match.group(2)))
 
-    text = pipeline.read_text(encoding="utf-8")
-    for stage in re.findall(r"^  ([a-z_]+):\n    cmd:", text, flags=re.M):
-        block = re.compile(rf"(^  {stage}:\n    cmd:.*\n    deps:\n(?:      - (?!stages/).*\n)*)((?:      - stages/.*\n)*)", re.M)
-        code = "".join(f"      - {path}\n" for path in sorted(stage_code_deps(stage)))
-        text = block.sub(lambda match: match.group(1) + code, text, count=1)
-    pipeline.write_text(text, encoding="utf-8")
+    pipeline.write_text(DEPS_BLOCK.sub(rewritten, pipeline.read_text(encoding="utf-8")), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    import sys
-
+    sys.path.insert(0, str(ROOT))
     from stages.__main__ import STAGES
 
     if sys.argv[1:] == ["--write"]:
         write_into_pipeline(ROOT / "dvc.yaml")
     else:
         for stage in STAGES:
-            print(f"{stage}:")
-            for path in sorted(stage_code_deps(stage)):
-                print(f"      - {path}")
+            print(f"{stage}: {', '.join(stage_code_deps(stage))}")
