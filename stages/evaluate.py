@@ -6,15 +6,15 @@ already ran that backbone over the test images, so only the head runs here. Any 
 on the images. Both go through lib/inference.py, in full precision, with the model's own tta,
 and the probabilities are scaled by the temperature train fitted on the val split.
 
-Writes the headline test metrics, flat and numeric for `dvc exp show` (metrics/eval.json: accuracy
-and macro-F1 with 95% bootstrap intervals, balanced accuracy, loss, calibration error before and
-after temperature scaling, Brier score); every prediction with its class probabilities
-(metrics/predictions.csv); per-class scores with ROC AUC and average precision, the most confused
-class pairs and the reliability bins (metrics/eval/*.csv, DVC plots); and pictures: the confusion
-matrix, ROC and precision-recall curves, the reliability diagram, a grid of test images titled
-predicted vs true, and a gallery of the misclassified ones. Last, the label suspects: the train and
-val images the final model disagrees with most (top_losses.csv and a gallery), so a user can fix
-their labels.
+Writes the headline test metrics, flat and few for `dvc exp show` (metrics/eval.json: accuracy,
+macro-F1, calibration error) and with them the detail (metrics/eval/summary.json: 95% bootstrap
+intervals, balanced accuracy, loss, calibration error before temperature scaling, Brier score);
+every prediction with its class probabilities (metrics/predictions.csv); per-class scores with ROC
+AUC and average precision, the most confused class pairs and the reliability bins
+(metrics/eval/*.csv, DVC plots); and pictures: the confusion matrix, ROC and precision-recall
+curves, the reliability diagram, a grid of test images titled predicted vs true, and a gallery of
+the misclassified ones. Last, the label suspects: the train and val images the final model disagrees
+with most (top_losses.csv and a gallery), so a user can fix their labels.
 """
 
 from __future__ import annotations
@@ -31,12 +31,33 @@ from stages.lib.data import read_split
 from stages.lib.features import split_probabilities
 from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.inference import calibrate
-from stages.lib.metrics import (class_curves, confused_pairs, confusion_counts, predictions_table, score_predictions,
-                                top_losses)
+from stages.lib.metrics import (
+    class_curves,
+    confused_pairs,
+    confusion_counts,
+    predictions_table,
+    score_predictions,
+    top_losses,
+)
 from stages.lib.params import load_params
-from stages.lib.paths import (CLASS_CURVES_PNG, CONFUSED_PAIRS_CSV, CONFUSION_CSV, CONFUSION_PNG, EVAL_JSON, GRID_PNG,
-                              MISCLASSIFIED_PNG, MODEL, PER_CLASS_CSV, PREDICTIONS_CSV, RAW_DIR, RELIABILITY_CSV,
-                              RELIABILITY_PNG, TOP_LOSSES_CSV, TOP_LOSSES_PNG)
+from stages.lib.paths import (
+    CLASS_CURVES_PNG,
+    CONFUSED_PAIRS_CSV,
+    CONFUSION_CSV,
+    CONFUSION_PNG,
+    EVAL_JSON,
+    EVAL_SUMMARY,
+    GRID_PNG,
+    MISCLASSIFIED_PNG,
+    MODEL,
+    PER_CLASS_CSV,
+    PREDICTIONS_CSV,
+    RAW_DIR,
+    RELIABILITY_CSV,
+    RELIABILITY_PNG,
+    TOP_LOSSES_CSV,
+    TOP_LOSSES_PNG,
+)
 from stages.lib.plots import save_class_curves, save_confusion_matrix, save_image_grid, save_reliability_diagram
 from stages.lib.significance import RESAMPLES, bootstrap_intervals
 
@@ -47,7 +68,8 @@ def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
     def titled(rows: pd.DataFrame):
         return (
             [RAW_DIR / p for p in rows["path"]],
-            [f"predicted: {p} ({q:.2f})\ntrue: {t}" for p, q, t in zip(rows["predicted"], rows["probability"], rows["true"])],
+            [f"predicted: {p} ({q:.2f})\ntrue: {t}"
+             for p, q, t in zip(rows["predicted"], rows["probability"], rows["true"])],
             ["tab:green" if p == t else "tab:red" for p, t in zip(rows["predicted"], rows["true"])],
         )
 
@@ -81,9 +103,12 @@ def save_suspects(table: pd.DataFrame, count: int) -> None:
                     TOP_LOSSES_PNG, "train and val images with the highest loss: check their labels")
 
 
-def headline_metrics(scores: dict, raw, probs, labels, classes: list[str]) -> dict:
-    """What eval.json holds: a handful of flat numbers, the intervals beside their scores (the
-    best epoch is train's metric, the temperature is in the checkpoint and the export sidecar)."""
+HEADLINE = ("accuracy", "macro_f1", "ece")  # metrics/eval.json: what experiments are compared by
+
+
+def summary_metrics(scores: dict, raw, probs, labels, classes: list[str]) -> dict:
+    """What summary.json holds: flat numbers, the intervals beside their scores (the best epoch is
+    train's metric, the temperature is in the checkpoint and the export sidecar)."""
     y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
     intervals = bootstrap_intervals(y_true, y_pred, len(classes))
     return {
@@ -110,8 +135,9 @@ def main() -> None:
     probs = calibrate(raw, checkpoint.temperature)
 
     scores, per_class = score_predictions(probs, labels, checkpoint.classes)
-    metrics = headline_metrics(scores, raw, probs, labels, checkpoint.classes)
-    write_json_atomic(EVAL_JSON, metrics)
+    metrics = summary_metrics(scores, raw, probs, labels, checkpoint.classes)
+    write_json_atomic(EVAL_SUMMARY, metrics)
+    write_json_atomic(EVAL_JSON, {key: metrics[key] for key in HEADLINE})
     table = predictions_table(rows, probs, checkpoint.classes)
     write_csv_atomic(PREDICTIONS_CSV, table)
     write_csv_atomic(CONFUSION_CSV, table[["true", "predicted"]].rename(columns={"true": "actual"}))

@@ -3,7 +3,7 @@
 Class folders are found in two layouts (split folders or not), wherever they are under data/raw/
 (lib/layouts.py); or the labels come from a CSV (`index.labels`, lib/labels.py). Every image is
 decoded fully and hashed (lib/images.py); unusable files, exact duplicates and label conflicts
-are left out and listed in metrics/data.json with their reason; the split is seeded and
+are left out and listed in metrics/index/summary.json with their reason; the split is seeded and
 stratified (lib/splits.py).
 """
 
@@ -17,20 +17,28 @@ from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.labels import list_labelled_images
 from stages.lib.layouts import SPLITS, list_images
 from stages.lib.params import load_params
-from stages.lib.paths import CLASSES_JSON, DATA_METRICS, DATASET_PNG, INDEX_CSV, RAW_DIR
+from stages.lib.paths import CLASSES_JSON, DATA_METRICS, DATA_SUMMARY, DATASET_PNG, INDEX_CSV, RAW_DIR
 from stages.lib.plots import save_dataset_overview
-from stages.lib.splits import (IMBALANCE_WARNING, assign_splits, build_index, data_summary, drop_duplicates,
-                               skipped_summary, validate)
+from stages.lib.splits import (
+    IMBALANCE_WARNING,
+    assign_splits,
+    build_index,
+    data_summary,
+    drop_duplicates,
+    skipped_summary,
+    validate,
+)
 
 log = logging.getLogger("index")
+HEADLINE = ("images", "classes", "skipped")  # metrics/data.json; the rest is detail (DATA_SUMMARY)
 
 
 def log_warnings(index, summary: dict, skipped: list[dict]) -> None:
-    """Skipped files, a line per kind of reason (the full list is in metrics/data.json), and imbalance."""
+    """Skipped files, a line per kind of reason (the full list is in metrics/index/summary.json), and imbalance."""
     for line in skipped_summary(skipped):
         log.warning("%s", line)
     if skipped:
-        log.warning("every skipped file and its reason: %s (skipped_files)", DATA_METRICS)
+        log.warning("every skipped file and its reason: %s (skipped_files)", DATA_SUMMARY)
     if summary["imbalance_ratio"] > IMBALANCE_WARNING:
         sizes = index["class"].value_counts()
         log.warning("classes are imbalanced: %s has %d images, %s %d (%.1fx); accuracy hides the small classes: "
@@ -61,7 +69,8 @@ def main() -> None:
     summary = data_summary(index, classes, layout, skipped)
     if unlisted is not None:
         summary["not_in_labels"] = unlisted  # images under data/raw/ the CSV does not list: ignored
-    write_json_atomic(DATA_METRICS, summary)
+    write_json_atomic(DATA_SUMMARY, summary)
+    write_json_atomic(DATA_METRICS, {key: summary[key] for key in HEADLINE})
     save_dataset_overview(index, classes, DATASET_PNG)
     log_warnings(index, summary, skipped)
     log.info(

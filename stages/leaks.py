@@ -1,8 +1,9 @@
 """Stage `leaks`: near-duplicate images across the train, val and test splits.
 
 Reads the cached features (no backbone runs here), writes every pair above `leaks.threshold` to
-metrics/leaks.csv (both paths and the similarity), their count to metrics/leaks.json, and the most
-similar pairs side by side to metrics/leaks/pairs.png (lib/leaks.py says how they are found). It
+metrics/leaks.csv (both paths and the similarity), their count to metrics/leaks.json (with the
+images of each split in a pair: metrics/leaks/summary.json), and the most similar pairs side by
+side to metrics/leaks/pairs.png (lib/leaks.py says how they are found). It
 reports and changes nothing: a user who finds real copies removes them from the data or puts
 both in the same split.
 """
@@ -17,7 +18,7 @@ from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.images import load_image
 from stages.lib.leaks import cross_split_pairs, leak_summary
 from stages.lib.params import load_params
-from stages.lib.paths import LEAK_PAIRS_CSV, LEAK_PAIRS_PNG, LEAKS_JSON, RAW_DIR
+from stages.lib.paths import LEAK_PAIRS_CSV, LEAK_PAIRS_PNG, LEAKS_JSON, LEAKS_SUMMARY, RAW_DIR
 from stages.lib.plots import save_titled_arrays
 
 log = logging.getLogger("leaks")
@@ -46,7 +47,8 @@ def main() -> None:
     pairs = cross_split_pairs(splits, params.threshold)
     write_csv_atomic(LEAK_PAIRS_CSV, pairs)
     summary = leak_summary(pairs, params.threshold)
-    write_json_atomic(LEAKS_JSON, summary)
+    write_json_atomic(LEAKS_SUMMARY, summary)
+    write_json_atomic(LEAKS_JSON, {"near_duplicate_pairs": summary["near_duplicate_pairs"]})
     draw_pairs(pairs, params.pictures)
     if len(pairs):
         log.warning("%d image pairs across splits look like near-duplicates (similarity >= %g), %d test images among "

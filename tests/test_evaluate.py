@@ -30,8 +30,14 @@ def test_scores_from_known_predictions():
 
 
 def test_scores_agree_with_scikit_learn():
-    from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
-                                 precision_recall_fscore_support, roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        balanced_accuracy_score,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     generator = torch.Generator().manual_seed(0)
     # Five classes; class 3 is never predicted and class 4 never true, so zero divisions happen.
@@ -73,10 +79,12 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
     assert (predictions.true == test_rows["class"].to_numpy()).all()
     assert predictions[["prob_blue", "prob_red"]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
 
-    metrics = json.loads((root / "metrics/eval.json").read_text())
+    metrics = json.loads((root / "metrics/eval/summary.json").read_text())
     assert list(metrics) == ["accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high",
                              "balanced_accuracy", "loss", "ece", "ece_uncalibrated", "brier", "images"]
-    assert all(isinstance(value, (int, float)) for value in metrics.values())  # flat and numeric: dvc exp show
+    assert all(isinstance(value, (int, float)) for value in metrics.values())  # flat and numeric: dvc metrics diff
+    headline = json.loads((root / "metrics/eval.json").read_text())  # what dvc exp show and metrics show print
+    assert headline == {key: metrics[key] for key in ("accuracy", "macro_f1", "ece")}
     assert metrics["images"] == len(test_rows)
     assert metrics["accuracy"] == pytest.approx((predictions.true == predictions.predicted).mean())
     assert metrics["accuracy_low"] <= metrics["accuracy"] <= metrics["accuracy_high"]
@@ -182,8 +190,12 @@ def test_mcnemar_exact_against_scipy_and_by_hand():
 def test_expected_calibration_error_nll_and_brier_by_hand():
     import numpy as np
 
-    from stages.lib.calibration import (brier_score, expected_calibration_error, negative_log_likelihood,
-                                        reliability_table)
+    from stages.lib.calibration import (
+        brier_score,
+        expected_calibration_error,
+        negative_log_likelihood,
+        reliability_table,
+    )
 
     # Four images: two at confidence 0.9 (one right), two at 0.6 (both right).
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])

@@ -16,7 +16,7 @@ from tests.conftest import distinct_color, image_bytes, make_image_tree, write_i
 def run_index(root: Path) -> tuple[pd.DataFrame, dict]:
     index.main()
     table = pd.read_csv(root / "data/index.csv", keep_default_na=False)
-    return table, json.loads((root / "metrics/data.json").read_text())
+    return table, json.loads((root / "metrics/index/summary.json").read_text())
 
 
 def skipped_reasons(summary: dict) -> dict[str, str]:
@@ -221,10 +221,10 @@ def test_parallel_and_serial_validation_agree(project):
     make_image_tree(root / "data/raw", {"a": 6, "b": 6})
     (root / "data/raw/a/bad.jpg").write_bytes(b"junk")
     index.main()
-    serial = (root / "data/index.csv").read_bytes(), (root / "metrics/data.json").read_bytes()
+    serial = (root / "data/index.csv").read_bytes(), (root / "metrics/index/summary.json").read_bytes()
     project(index={"workers": 2})
     index.main()
-    assert ((root / "data/index.csv").read_bytes(), (root / "metrics/data.json").read_bytes()) == serial
+    assert ((root / "data/index.csv").read_bytes(), (root / "metrics/index/summary.json").read_bytes()) == serial
 
 
 def test_a_read_only_data_folder_is_one_line_naming_the_output(tiny_project):
@@ -252,7 +252,8 @@ def test_a_read_only_data_folder_is_one_line_naming_the_output(tiny_project):
     (root / "data").chmod(0o755)
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert re.fullmatch(r"error: data/index.csv: cannot write it in data/ \((Read-only file system|Permission denied)\); "
+    assert re.fullmatch(r"error: data/index.csv: cannot write it in data/ "
+                        r"\((Read-only file system|Permission denied)\); "
                         r"make that folder writable, or run where it is", result.stderr.strip()), result.stderr
     assert (root / "data/index.csv").read_bytes() == before
 
@@ -272,7 +273,7 @@ def test_skipped_files_are_summarised_by_kind_in_the_log(project, caplog):
     assert warnings[0].startswith("40 skipped, duplicate: a/copy_03.png (duplicate of a/copy_00.png); ")
     assert warnings[0].endswith("; and 37 more")
     assert warnings[1] == "2 skipped, not an image: b/broken_0.jpg (not an image); b/broken_1.jpg (not an image)"
-    assert warnings[2] == "every skipped file and its reason: metrics/data.json (skipped_files)"
+    assert warnings[2] == "every skipped file and its reason: metrics/index/summary.json (skipped_files)"
     assert summary["skipped"] == 42 and len(summary["skipped_files"]) == 42
 
 
@@ -414,8 +415,8 @@ def test_a_csv_of_bare_ids_and_a_semicolon_separator(project):
                                                   r"there: kaggle/labels.csv\); fix index.labels"),
     ({"labels": "labels.csv"}, "filename,class,label\nimages/im0.png,a,a\n", r"columns class, label could each be the "
                                                                              r"label; set index.label_column"),
-    ({"labels": "labels.csv", "label_column": "kind"}, "filename,label\n", r"index.label_column: labels.csv has no "
-                                                                           r"column 'kind' \(its columns: filename, label\)"),
+    ({"labels": "labels.csv", "label_column": "kind"}, "filename,label\n",
+     r"index.label_column: labels.csv has no column 'kind' \(its columns: filename, label\)"),
     ({"labels": "labels.csv"}, "filename,label,split\nimages/im0.png,a,holdout\n", r"row 2: split 'holdout' is not "
                                                                                    r"train, val or test"),
     ({"labels": "labels.csv"}, "a,b,c\nimages/im0.png,x,y\n", r"cannot tell which column holds the labels \(columns: "
