@@ -4,7 +4,7 @@ without and with the temperature fitted on val, NLL and Brier score, and its acc
     python -m bench.calibration [--datasets ../shared/datasets] [-S strategy=finetune ...]
 
 Run it in a throwaway clone (git clone, then link .venv): each dataset is a `dvc exp run` in the
-workspace with `data.url` pointing at its archive; metrics/eval.json is read back; params.yaml,
+workspace with `data.url` pointing at its archive; metrics/eval/summary.json is read back; params.yaml,
 dvc.lock and the outputs are restored at the end.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from bench.readme_table import publish
+from bench.publish import publish
 from bench.workspace import restored_workspace, run_on_archive
-from stages.lib.params import load_params
 from stages.lib.checkpoint import read_checkpoint
-from stages.lib.paths import EVAL_JSON, MODEL
+from stages.lib.params import load_params
+from stages.lib.paths import EVAL_SUMMARY, MODEL
 
 RESULTS = Path("bench/results/calibration.md")
 DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
@@ -38,9 +38,10 @@ def main() -> None:
     with restored_workspace():
         for name in DATASETS:
             seconds = run_on_archive(args.datasets / name, args.settings)
-            m = json.loads(EVAL_JSON.read_text())
+            m = json.loads(EVAL_SUMMARY.read_text())
+            temperature = read_checkpoint(MODEL).temperature
             rows.append(f"| {name} | {m['images']} | {m['accuracy']:.4f} [{m['accuracy_low']:.3f}, "
-                        f"{m['accuracy_high']:.3f}] | {read_checkpoint(MODEL).temperature:.3g} | {m['ece_uncalibrated']:.4f} | "
+                        f"{m['accuracy_high']:.3f}] | {temperature:.3g} | {m['ece_uncalibrated']:.4f} | "
                         f"{m['ece']:.4f} | {m['loss']:.4f} | {m['brier']:.4f} | {seconds:.0f} s |")
             print(rows[-1], flush=True)
     settings = ", ".join(f"`{s}`" for s in args.settings) or "none"

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.head_only import cpu_name
-from bench.readme_table import publish
+from bench.publish import cpu_name, publish
 from bench.workspace import restored_workspace, run_on_archive
+from stages.lib.params import load_params
 
 RESULTS = Path("bench/results/defaults.md")
 PARTIAL = RESULTS.with_suffix(".partial.json")
@@ -58,8 +58,9 @@ def network_epochs() -> int:
     """Epochs of the whole network the last run trained: DVCLive's steps from the first network
     epoch on (step = epoch - 1; the network's first epoch is head_epochs + 1 after a head phase)."""
     lines = Path("metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()[1:]
-    strategy = read_json("data/params/strategy.json")
-    first = 0 if strategy == "scratch" else read_json("data/params/train.json")["head_epochs"]
+    params = load_params()  # as the experiment ran it: dvc exp run applied its -S to params.yaml
+    strategy = params.strategy
+    first = 0 if strategy == "scratch" else params.train.head_epochs
     return sum(int(line.split("\t")[0]) >= first for line in lines) if strategy != "frozen" else 0
 
 
@@ -85,7 +86,8 @@ def measure(archive: Path, name: str) -> dict:
 
 def table(rows: list[dict], preludes: dict[str, float]) -> str:
     baseline = {r["archive"]: r["train"] for r in rows if r["setting"] == "old finetune"}
-    lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by `python -m bench.defaults` "
+    lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by "
+             "`python -m bench.defaults` "
              "in one run. Each archive's data stages and features ran first, from an empty cache ("
              + ", ".join(f"{stem} {seconds:.0f} s" for stem, seconds in preludes.items())
              + "); the times below are the runs after them.", "",
@@ -94,7 +96,8 @@ def table(rows: list[dict], preludes: dict[str, float]) -> str:
     for r in rows:
         speed = f"{r['images_per_s']:.1f} images/s" if r["images_per_s"] else "-"
         ratio = f" ({r['train'] / baseline[r['archive']]:.2f})" if r["archive"] in baseline else ""
-        lines.append(f"| {r['archive']} | {r['setting']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['train']:.0f} s"
+        lines.append(f"| {r['archive']} | {r['setting']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+                     f"{r['train']:.0f} s"
                      f"{ratio} | {r['wall']:.0f} s | {r['network_epochs']} ({r['best_epoch']}) | {speed} |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.readme_table import publish
+from bench.publish import publish
 
 RESULTS = Path("bench/results/exp_show.md")
 EXPERIMENTS = {

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.head_only import cpu_name
-from bench.readme_table import publish
+from bench.publish import cpu_name, publish
 from bench.workspace import restored_workspace
 
 RESULTS = Path("bench/results/head_search.md")
@@ -33,7 +32,7 @@ def read_json(path: str) -> dict:
 
 def run_summary() -> dict:
     chosen = pd.read_csv("metrics/train/head_search.csv").query("chosen == 1").iloc[0]
-    return {"eval": read_json("metrics/eval.json"), "time": read_json("metrics/train/time.json"),
+    return {"eval": read_json("metrics/eval/summary.json"), "time": read_json("metrics/train/time.json"),
             "train": read_json("metrics/train/metrics.json"), "lr": chosen["lr"], "wd": chosen["weight_decay"],
             "settings": len(pd.read_csv("metrics/train/head_search.csv"))}
 

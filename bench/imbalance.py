@@ -6,7 +6,7 @@
 Run it in a throwaway clone (git clone, then link .venv). Each row is a DVC experiment in the
 workspace with `data.url` pointing at the archive: the first one runs download, index and
 features on it, the others only train and evaluate. Test metrics and the smallest class's recall
-are read from metrics/eval.json and metrics/eval/per_class.csv; params.yaml, dvc.lock and the
+are read from metrics/eval/summary.json and metrics/eval/per_class.csv; params.yaml, dvc.lock and the
 outputs are restored at the end.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.readme_table import publish
+from bench.publish import publish
 from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
-from stages.lib.paths import DATA_METRICS, EVAL_JSON, PER_CLASS_CSV
+from stages.lib.paths import DATA_SUMMARY, EVAL_SUMMARY, PER_CLASS_CSV
 
 RESULTS = Path("bench/results/imbalance.md")
 SETTINGS = [("none", "accuracy"), ("balanced", "accuracy"), ("sampler", "accuracy"), ("balanced", "macro_f1"),
@@ -34,7 +34,7 @@ SETTINGS = [("none", "accuracy"), ("balanced", "accuracy"), ("sampler", "accurac
 def run_experiment(archive: Path, weighting: str, select_on: str) -> tuple[dict, dict, pd.DataFrame, float]:
     seconds = run_on_archive(archive, ["strategy=frozen", f"train.class_weighting={weighting}",
                                        f"train.select_on={select_on}"])
-    return (json.loads(EVAL_JSON.read_text()), json.loads(DATA_METRICS.read_text()),
+    return (json.loads(EVAL_SUMMARY.read_text()), json.loads(DATA_SUMMARY.read_text()),
             pd.read_csv(PER_CLASS_CSV).set_index("class"), seconds)
 
 
@@ -47,7 +47,8 @@ def main() -> None:
     with restored_workspace():
         for weighting, select_on in SETTINGS:
             scores, data, per_class, seconds = run_experiment(args.archive, weighting, select_on)
-            totals = {name: sum(data["counts"][split][name] for split in ("train", "val", "test")) for name in per_class.index}
+            totals = {name: sum(data["counts"][split][name] for split in ("train", "val", "test"))
+                      for name in per_class.index}
             smallest = min(totals, key=totals.get)
             rows.append(f"| {weighting} | {select_on} | {scores['accuracy']:.4f} | {scores['balanced_accuracy']:.4f} | "
                         f"{scores['macro_f1']:.4f} | {per_class.loc[smallest, 'recall']:.3f} ({smallest}, "

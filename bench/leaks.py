@@ -5,7 +5,7 @@ with the default features and `leaks.threshold`.
 
 Run it in a throwaway clone (git clone, then link .venv): each dataset is a `dvc exp run leaks`
 in the workspace with `data.url` pointing at its archive (only the stages up to leaks run), and
-its metrics/leaks.json and metrics/leaks.csv are read back; params.yaml, dvc.lock and the
+its metrics/leaks/summary.json and metrics/leaks.csv are read back; params.yaml, dvc.lock and the
 outputs are restored at the end.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.readme_table import publish
+from bench.publish import publish
 from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
-from stages.lib.paths import DATA_METRICS, LEAK_PAIRS_CSV, LEAKS_JSON
+from stages.lib.paths import DATA_SUMMARY, LEAK_PAIRS_CSV, LEAKS_SUMMARY
 
 RESULTS = Path("bench/results/leaks.md")
 DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
@@ -31,7 +31,7 @@ DATASETS = ("hymenoptera_data.zip", "trashnet.zip", "blood_cells.zip")
 
 def run_leaks(archive: Path) -> tuple[dict, dict, pd.DataFrame, float]:
     seconds = run_on_archive(archive, targets=["leaks"])
-    return (json.loads(LEAKS_JSON.read_text()), json.loads(DATA_METRICS.read_text()), pd.read_csv(LEAK_PAIRS_CSV),
+    return (json.loads(LEAKS_SUMMARY.read_text()), json.loads(DATA_SUMMARY.read_text()), pd.read_csv(LEAK_PAIRS_CSV),
             seconds)
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.head_only import cpu_name
-from bench.readme_table import publish
+from bench.publish import cpu_name, publish
 from stages.lib.backbones import create_backbone, resolve_backbone
 from stages.lib.classifier import Classifier, make_head
 from stages.lib.runtime import autocast, cpu_autocasts

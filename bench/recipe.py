@@ -34,8 +34,10 @@ def recipe_loaders(backbone: str, batch_size: int, workers: int) -> dict:
     interpolation = InterpolationMode(prep.interpolation)
     tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
     transforms = {
-        "train": T.Compose([T.RandomResizedCrop(prep.input_size, interpolation=interpolation), T.RandomHorizontalFlip(), *tail]),
-        "val": T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size), *tail]),
+        "train": T.Compose([T.RandomResizedCrop(prep.input_size, interpolation=interpolation),
+                            T.RandomHorizontalFlip(), *tail]),
+        "val": T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size),
+                          *tail]),
     }
     return {
         split: torch.utils.data.DataLoader(

@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.readme_table import publish
+from bench.publish import publish
 from stages.lib.params import load_params
 from stages.lib.runtime import cpu_autocasts
 
@@ -110,8 +110,8 @@ def read_json(path: str) -> dict:
 
 def forward_throughput(backbone: str, batch_size: int, seconds: float = 10.0) -> dict[str, float]:
     """Images per second through the backbone alone, on random input of its own size."""
-    from stages.lib.features import inference_graph
     from stages.lib.backbones import create_backbone, preprocessing_for, resolve_backbone
+    from stages.lib.features import inference_graph
 
     model, _ = create_backbone(resolve_backbone(backbone))
     model.eval().to(memory_format=torch.channels_last)
@@ -194,7 +194,7 @@ def main() -> None:
         print(f"forward throughput: eager {rates['eager']:.1f} images/s, traced {rates['traced']:.1f}", flush=True)
 
         recipe_frozen = recipe("frozen", backbone, args.recipe_epochs)
-        forced = ["check_params", "weights", "features", "train", "evaluate"]
+        forced = ["check", "weights", "features", "train", "evaluate"]
         frozen_wall, _ = experiment(forced, "strategy=frozen", *settings)
         frozen_eval = read_json("metrics/eval.json")
         passes = forward_passes()
@@ -216,7 +216,7 @@ def main() -> None:
         finetune_time = read_json("metrics/train/time.json")
 
         with peak_rss(r"-m stages[. ]train") as lite0_memory:
-            experiment(["check_params", "weights", "train"], "strategy=finetune", "model.backbone=efficientnet_lite0",
+            experiment(["check", "weights", "train"], "strategy=finetune", "model.backbone=efficientnet_lite0",
                        f"train.lr={params.train.lr:g}", "train.head_epochs=0", "train.epochs=1")
     finally:
         restore_workspace()
@@ -230,7 +230,8 @@ def main() -> None:
          f"{rates['traced']:.1f} traced and frozen (as the features stage runs it)", "measured"),
         ("frozen: recipe loop", f"{recipe_frozen['wall']:.0f} s, best val {recipe_frozen['best_val_accuracy']:.4f} "
          "(picked on those same images)", ""),
-        ("frozen: `dvc exp run -S strategy=frozen`", f"{frozen_wall:.1f} s, test accuracy {frozen_eval['accuracy']:.4f}",
+        ("frozen: `dvc exp run -S strategy=frozen`",
+         f"{frozen_wall:.1f} s, test accuracy {frozen_eval['accuracy']:.4f}",
          "accuracy >= 0.95"),
         ("frozen speed-up", f"**{recipe_frozen['wall'] / frozen_wall:.1f}x**", ">= 10x"),
         ("frozen: follow-up `-S train.lr=X`, three times",

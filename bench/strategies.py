@@ -3,7 +3,7 @@ values of `train.seed`, reported as mean and standard deviation (stages/sweep.py
 
     python -m bench.strategies [--strategies frozen finetune scratch] [--seeds 5]
 
-Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME check_params train evaluate`: the workspace is
+Each strategy runs as `dvc exp run --temp -f -s -S strategy=NAME check train evaluate`: the workspace is
 left alone, the data stages and features come from the cache, and train and evaluate are forced
 to run (DVC's run cache would otherwise restore a result computed before, in no time). The
 features stage, shared by frozen and finetune, is timed once on its own. Test metrics are read
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bench.readme_table import publish
-from stages.sweep import summary
+from bench.publish import publish
 from stages.lib.params import load_params
+from stages.sweep import summary
 
 RESULTS = Path("bench/results/strategies.md")
 
@@ -39,7 +39,8 @@ def run_experiment(stages: list[str], *settings: str) -> tuple[str, float]:
 
 
 def experiment_metrics(name: str, path: str = "metrics/eval.json") -> dict:
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    shown = json.loads(shown)
     for commit in shown:
         for exp in commit.get("experiments") or []:
             if exp.get("name") == name:
@@ -55,30 +56,31 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = []
-    _, feature_seconds = run_experiment(["check_params", "features"])
+    _, feature_seconds = run_experiment(["check", "features"])
     for strategy in args.strategies:
         runs, train_runs, seconds = {}, {}, []
         for seed in range(args.seeds):
-            name, took = run_experiment(["check_params", "train", "evaluate"], f"strategy={strategy}",
+            name, took = run_experiment(["check", "train", "evaluate"], f"strategy={strategy}",
                                         f"train.seed={seed}")
             runs[name], seconds = experiment_metrics(name), seconds + [took]
             train_runs[name] = experiment_metrics(name, "metrics/train/metrics.json")
             print(strategy, seed, runs[name]["accuracy"], f"{took:.0f} s", flush=True)
         stats = summary(runs).set_index("metric")
         epochs = sorted(int(m["best_epoch"]) for m in train_runs.values())
-        cell = lambda metric: f"{stats.loc[metric, 'mean']:.4f} ± {stats.loc[metric, 'std']:.4f}"  # noqa: E731
+        cell = lambda metric, stats=stats: f"{stats.loc[metric, 'mean']:.4f} ± {stats.loc[metric, 'std']:.4f}"  # noqa: E731
         rows.append(f"| {strategy} | {cell('accuracy')} | {stats.loc['accuracy', 'min']:.4f} to "
                     f"{stats.loc['accuracy', 'max']:.4f} | {cell('macro_f1')} | {cell('ece')} | {epochs[0]} to "
                     f"{epochs[-1]} | {sum(seconds) / len(seconds):.0f} s |")
         print(rows[-1], flush=True)
-    metrics = next(iter(runs.values()))
+    images = json.loads(Path("metrics/eval/summary.json").read_text())["images"]
     table = "\n".join([
         f"Measured {date.today()} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"backbone `{params.model.backbone}`, other params as in params.yaml, test split of "
-        f"{metrics['images']} images, {args.seeds} runs per strategy with `train.seed` 0 to {args.seeds - 1} "
+        f"{images} images, {args.seeds} runs per strategy with `train.seed` 0 to {args.seeds - 1} "
         "(`python -m bench.strategies`; mean ± sample standard deviation):",
         "",
-        "| strategy | test accuracy | its range | test macro-F1 | test ECE | best epochs | train + evaluate wall time (mean) |",
+        "| strategy | test accuracy | its range | test macro-F1 | test ECE | best epochs "
+        "| train + evaluate wall time (mean) |",
         "|---|---|---|---|---|---|---|",
         *rows,
         "",

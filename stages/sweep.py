@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
     if shown.returncode != 0:
-        raise UserError(f"dvc exp show failed ({shown.stderr.strip().splitlines()[-1] if shown.stderr.strip() else ''}); "
-                        "run from the project's root")
+        last = shown.stderr.strip().splitlines()[-1] if shown.stderr.strip() else ""
+        raise UserError(f"dvc exp show failed ({last}); run from the project's root")
     metrics = {name: values for name, values in finished_experiments(json.loads(shown.stdout)).items()
                if not args.prefixes or name.startswith(tuple(args.prefixes))}
     if not metrics:
-        raise UserError(f"no finished experiment{' named ' + ' or '.join(p + '...' for p in args.prefixes) if args.prefixes else ''}"
-                        "; run them first (dvc exp run --queue ..., dvc queue start), see dvc exp show")
+        named = " named " + " or ".join(p + "..." for p in args.prefixes) if args.prefixes else ""
+        raise UserError(f"no finished experiment{named}; run them first (dvc exp run --queue ..., dvc queue start), "
+                        "see dvc exp show")
     print(f"{len(metrics)} experiments: {', '.join(sorted(metrics))}\n")
     print(markdown(summary(metrics)))
     return 0

@@ -9,12 +9,16 @@ import timm
 import torch
 from PIL import Image
 
-from stages.lib.cli import UserError
-from stages.lib.data import eval_transform
 from stages.lib.backbones import (
-    Backbone, lite_imagenet_state_dict, preprocessing_for, pretrained_backbone_state, resolve_backbone,
+    Backbone,
+    lite_imagenet_state_dict,
+    preprocessing_for,
+    pretrained_backbone_state,
+    resolve_backbone,
 )
 from stages.lib.classifier import build_classifier
+from stages.lib.cli import UserError
+from stages.lib.data import eval_transform
 from tests.conftest import TINY_BACKBONE, write_random_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -85,8 +89,10 @@ def test_weights_from_a_local_state_dict_and_from_our_checkpoint(tmp_path):
     original = torch.load(path, weights_only=True)
     assert "classifier.weight" not in state and all(torch.equal(state[k], original[k]) for k in state)
     ours = tmp_path / "model.pt"
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()} | {"head.1.weight": torch.zeros(2, 256)}}, ours)
-    assert all(torch.equal(a, b) for a, b in zip(pretrained_backbone_state(TINY_BACKBONE, str(ours)).values(), state.values()))
+    head = {"head.1.weight": torch.zeros(2, 256)}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()} | head}, ours)
+    loaded = pretrained_backbone_state(TINY_BACKBONE, str(ours))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.values(), state.values()))
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

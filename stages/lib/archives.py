@@ -48,7 +48,8 @@ def check_link(member: Member) -> None:
     resolved = posixpath.normpath(posixpath.join(base, target))
     if posixpath.isabs(target) or resolved == ".." or resolved.startswith("../"):
         raise UserError(
-            f"archive member {member.name!r} is a link to {member.link_target!r}, outside the archive; refusing to unpack"
+            f"archive member {member.name!r} is a link to {member.link_target!r}, outside the archive; "
+            "refusing to unpack"
         )
 
 

@@ -113,7 +113,8 @@ def lite_package_file(variant: int) -> Path:
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise UserError(f"package {package.replace('_', '-')} is not installed; run `make run` or pip install it") from None
+        raise UserError(f"package {package.replace('_', '-')} is not installed; run `make run` or pip install it"
+                        ) from None
     return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
@@ -147,7 +148,8 @@ def without_classifier(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
         raise UserError(f"pretrained weights lack {len(missing)} backbone tensors, e.g. {missing[0]}")
     for key, tensor in wanted.items():
         if state_dict[key].shape != tensor.shape:
-            raise UserError(f"pretrained tensor {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}")
+            raise UserError(f"pretrained tensor {key} has shape {tuple(state_dict[key].shape)}, "
+                            f"expected {tuple(tensor.shape)}")
     return {k: state_dict[k] for k in wanted}
 
 
@@ -192,7 +194,8 @@ def pretrained_backbone_state(backbone_name: str, weights: str) -> dict[str, tor
         return without_classifier(state, model)
     if backbone.source == "lite":
         if weights != "pretrained":
-            raise UserError(f"params.yaml: model.weights: {backbone_name} has only 'pretrained', 'none' or a checkpoint path")
+            raise UserError(f"params.yaml: model.weights: {backbone_name} has only 'pretrained', 'none' or a "
+                            "checkpoint path")
         return without_classifier(lite_imagenet_state_dict(backbone.name), model)
     if backbone.source == "torchvision":
         # Downloads once into torch's hub cache (with a progress bar), then reads from there.
@@ -218,7 +221,10 @@ def preprocessing_for(backbone_name: str, weights: str) -> Preprocessing:
         )
     # The registry's config, without building the network just to read it.
     config = timm.models.get_pretrained_cfg(backbone.name)
-    config = config.to_dict() if config is not None else timm.create_model(backbone.name, pretrained=False).pretrained_cfg
+    if config is None:
+        config = timm.create_model(backbone.name, pretrained=False).pretrained_cfg
+    else:
+        config = config.to_dict()
     size = config["input_size"][-1]
     return Preprocessing(
         input_size=size, resize_size=int(round(size / config.get("crop_pct", 0.875))),

@@ -50,7 +50,8 @@ def eval_transform(prep: Preprocessing):
     from torchvision.transforms import v2 as T
 
     interpolation = InterpolationMode(prep.interpolation)
-    return T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size), normalize(prep)])
+    return T.Compose([T.Resize(prep.resize_size, interpolation=interpolation), T.CenterCrop(prep.input_size),
+                      normalize(prep)])
 
 
 def train_transform(prep: Preprocessing, augment: AugmentParams):

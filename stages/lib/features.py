@@ -143,7 +143,8 @@ def usable_features(checkpoint, split: str, paths: list[str]) -> dict | None:
     return None
 
 
-def split_probabilities(checkpoint, split: str, rows, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_probabilities(checkpoint, split: str, rows, batch_size: int,
+                        workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uncalibrated class probabilities and labels of a split's rows: the head on the cached
     features when they serve this model (its backbone is the pretrained one), else the whole
     model on the images."""

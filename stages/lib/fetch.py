@@ -60,7 +60,8 @@ def fetch_once(url: str, dest: Path, timeout: float) -> None:
                 raise UserError(f"download of {url} failed: HTTP {response.status_code}; check data.url")
             expected = int(response.headers.get("Content-Length", 0)) or None
             received = 0
-            with dest.open("wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=archive_name(url), disable=None) as bar:
+            progress = tqdm(total=expected, unit="B", unit_scale=True, desc=archive_name(url), disable=None)
+            with dest.open("wb") as out, progress as bar:
                 for chunk in response.iter_content(CHUNK):
                     out.write(chunk)
                     received += len(chunk)

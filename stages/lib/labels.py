@@ -55,7 +55,8 @@ def read_table(path: Path) -> pd.DataFrame:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
         return pd.read_csv(path, sep=dialect.delimiter, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (csv.Error, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); fix the file or index.labels") from None
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{path}: not a readable CSV ({reason}); fix the file or index.labels") from None
 
 
 def pick_column(table: pd.DataFrame, given: str | None, names: tuple[str, ...], role: str, param: str,
@@ -64,7 +65,8 @@ def pick_column(table: pd.DataFrame, given: str | None, names: tuple[str, ...], 
     columns = list(table.columns)
     if given is not None:
         if given not in columns:
-            raise UserError(f"index.{param}: {source.name} has no column '{given}' (its columns: {', '.join(columns)}); "
+            raise UserError(f"index.{param}: {source.name} has no column '{given}' "
+                            f"(its columns: {', '.join(columns)}); "
                             f"fix index.{param}")
         return given
     matches = [c for c in columns if c.strip().lower() in names]
@@ -78,7 +80,8 @@ def detect_columns(table: pd.DataFrame, params: IndexParams, source: Path) -> tu
     path = pick_column(table, params.path_column, PATH_NAMES, "file path", "path_column", source)
     if path is None:
         # The column whose values are image file names.
-        looks = [c for c in table.columns if len(table) and table[c].map(lambda v: is_image_name(PurePosixPath(v))).mean() > 0.9]
+        looks = [c for c in table.columns
+                 if len(table) and table[c].map(lambda v: is_image_name(PurePosixPath(v))).mean() > 0.9]
         if len(looks) != 1:
             raise UserError(f"{source}: cannot tell which column holds the file paths (columns: "
                             f"{', '.join(table.columns)}); set index.path_column")

@@ -55,7 +55,8 @@ def split_folders(folder: Path) -> dict[str, Path]:
         if split is None:
             continue
         if split in found:
-            raise UserError(f"{folder}: both '{found[split].name}' and '{sub.name}' look like the {split} split; keep one")
+            raise UserError(f"{folder}: both '{found[split].name}' and '{sub.name}' look like the {split} split; "
+                            "keep one")
         found[split] = sub
     return found
 
@@ -127,7 +128,8 @@ def check_unambiguous(root: Path, raw: Path) -> None:
     if len(classes) >= 2 and len(inner) == len(classes) and len(names) == 1 and len(next(iter(names))) >= 2:
         where = root.relative_to(raw).as_posix()
         raise UserError(
-            f"{where}/: the folders {', '.join(sorted(classes))} each hold the folders {', '.join(sorted(next(iter(names))))}, "
+            f"{where}/: the folders {', '.join(sorted(classes))} each hold the folders "
+            f"{', '.join(sorted(next(iter(names))))}, "
             "so the classes could be either; if the first are splits, name them train, val and test; if they are "
             "groups, name the classes' folders at the top, or list the files in a CSV (index.labels)"
         )

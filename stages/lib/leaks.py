@@ -31,7 +31,8 @@ def cross_split_pairs(splits: dict[str, dict], threshold: float) -> pd.DataFrame
         for start in range(0, len(unit[a]), BLOCK):
             similarity = unit[a][start:start + BLOCK] @ unit[b].T
             for i, j in (similarity >= threshold).nonzero().tolist():
-                rows.append((round(float(similarity[i, j]), 4), a, splits[a]["paths"][start + i], b, splits[b]["paths"][j]))
+                rows.append((round(float(similarity[i, j]), 4), a, splits[a]["paths"][start + i], b,
+                             splits[b]["paths"][j]))
     table = pd.DataFrame(rows, columns=["similarity", "split_a", "path_a", "split_b", "path_b"])
     return table.sort_values(["similarity", "path_a", "path_b"], ascending=[False, True, True]).reset_index(drop=True)
 

@@ -1,5 +1,5 @@
 """From the usable images to the index: duplicates left out, a seeded stratified split, the
-shuffled table written to data/index.csv, and the summary in metrics/data.json."""
+shuffled table written to data/index.csv, and the summary in metrics/index/summary.json."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ CSV_COLUMNS = ["path", "class", "label", "split", "sha256", "width", "height"]
 
 def validate(images: list[Candidate], raw: Path, max_pixels: int, workers: int) -> tuple[list[Candidate], list[dict]]:
     usable, skipped = [], []
-    for image, (digest, width, height, reason) in zip(images, inspect_files([raw / image.path for image in images], max_pixels, workers)):
+    inspected = inspect_files([raw / image.path for image in images], max_pixels, workers)
+    for image, (digest, width, height, reason) in zip(images, inspected):
         if reason:
             skipped.append({"path": image.path, "reason": reason})
         else:
@@ -47,7 +48,8 @@ def drop_duplicates(images: list[Candidate]) -> tuple[list[Candidate], list[dict
         classes = sorted({c.class_name for c in copies})
         if len(classes) > 1:
             where = ", ".join(f"{c.path} ({c.class_name})" for c in copies)
-            skipped += [{"path": c.path, "reason": f"label conflict: identical files under classes {classes}: {where}"} for c in copies]
+            reason = f"label conflict: identical files under classes {classes}: {where}"
+            skipped += [{"path": c.path, "reason": reason} for c in copies]
             continue
         copies = sorted(copies, key=lambda c: (KEEP_PRIORITY[c.folder_split], c.path))
         kept.append(copies[0])
@@ -75,7 +77,8 @@ def stratified_split(
             need = math.ceil(1 / min(ratios))
             raise UserError(
                 f"class '{name}' has {len(members)} usable images, too few to split into "
-                f"{'/'.join(split_names)} with ratios {list(ratios)}; it needs about {need}: add images or drop the class"
+                f"{'/'.join(split_names)} with ratios {list(ratios)}; it needs about {need}: add images or drop the "
+                "class"
             )
         start = 0
         for split, count in zip(split_names, counts):
@@ -115,7 +118,7 @@ def grouped_split(class_names: Sequence[str], groups: Sequence[str], ratios: Seq
     for group in order:
         counts = Counter(class_names[i] for i in members[group])
 
-        def need(split_ratio):
+        def need(split_ratio, counts=counts):
             split, ratio = split_ratio
             return sum(n * (ratio * totals[c] - placed[split][c]) / totals[c] for c, n in counts.items())
 
