@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Callable
@@ -13,6 +14,9 @@ class UserError(Exception):
 
 def run_stage(main: Callable[[], object]):
     """Run `main` with logging set up; returns what it returns."""
+    if not gc.isenabled():  # the program's imports are done (stages/__init__.py)
+        gc.freeze()
+        gc.enable()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return main()
