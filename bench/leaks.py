@@ -39,7 +39,7 @@ def row(name: str, leaks: dict, data: dict, pairs: pd.DataFrame, seconds: float)
     spread = f"{pairs.similarity.min():.2f} to {pairs.similarity.max():.2f}" if len(pairs) else "-"
     top = "; ".join(f"{r.similarity:.3f} {r.path_a.split('/')[-1]} ({r.split_a}) ~ {r.path_b.split('/')[-1]} "
                     f"({r.split_b})" for r in pairs.head(2).itertuples()) or "-"
-    return (f"| {name} | {data['images']} | {leaks['near_duplicate_pairs']} | {leaks['images_in_pairs']['test']} of "
+    return (f"| {name} | {data['images']} | {leaks['near_duplicates']} | {leaks['images_in_pairs']['test']} of "
             f"{data['counts']['test']['total']} | {spread} | {top} | {seconds:.0f} s |")
 
 

@@ -45,7 +45,7 @@ def write_records(trained: Trained, started: float) -> None:
     save_learning_curves(trained.records.history, best.epoch, CURVES_PNG)
     seconds = {name: round(value, 2) for name, value in sorted(trained.run.timing.items())}
     write_json_atomic(TIME_JSON, {**seconds, "total": round(time.perf_counter() - started, 2)})
-    write_json_atomic(TRAIN_METRICS, {"val_accuracy": best.val_acc, "best_epoch": best.epoch})
+    write_json_atomic(TRAIN_METRICS, {"val_accuracy": best.val_acc})
 
 
 def main() -> None:

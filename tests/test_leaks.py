@@ -35,7 +35,7 @@ def test_pairs_across_splits_above_the_threshold_whatever_the_block_size(monkeyp
     monkeypatch.setattr(leaks_lib, "BLOCK", 1)
     pd.testing.assert_frame_equal(leaks_lib.cross_split_pairs(splits, threshold=0.9), full)
     summary = leaks_lib.leak_summary(full, 0.9)
-    assert summary["near_duplicate_pairs"] == len(full) and summary["images_in_pairs"]["test"] == 1
+    assert summary["near_duplicates"] == len(full) and summary["images_in_pairs"]["test"] == 1
 
 
 def copies(path: Path) -> dict[str, Image.Image]:
@@ -78,7 +78,8 @@ def test_reencoded_resized_and_cropped_copies_are_found_distinct_photos_are_not(
     pairs = pd.read_csv(root / "metrics/leaks.csv")
     found = {(Path(r.path_a).stem, Path(r.path_b).stem) for r in pairs.itertuples()}
     assert found == {(stem, f"{stem}_{kind}") for stem, kind, _ in planted}, pairs
-    summary = json.loads((root / "metrics/leaks.json").read_text())
-    assert summary["near_duplicate_pairs"] == 3 and summary["images_in_pairs"] == {"train": 3, "val": 1, "test": 2}
+    summary = json.loads((root / "metrics/leaks/summary.json").read_text())
+    assert summary["near_duplicates"] == 3 and summary["images_in_pairs"] == {"train": 3, "val": 1, "test": 2}
+    assert json.loads((root / "metrics/leaks.json").read_text()) == {"near_duplicates": 3}
     assert "3 image pairs across splits look like near-duplicates" in caplog.text
     assert (root / "metrics/leaks/pairs.png").read_bytes().startswith(b"\x89PNG")

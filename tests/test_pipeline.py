@@ -112,7 +112,8 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert json.loads((work / "metrics/data.json").read_text()) == {"images": 22, "classes": 2, "skipped": 0}
     assert json.loads((work / "metrics/eval/summary.json").read_text())["images"] == 6
     assert set(json.loads((work / "metrics/eval.json").read_text())) == {"accuracy", "macro_f1", "ece"}
-    assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy", "best_epoch"}
+    assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy"}
+    assert set(json.loads((work / "metrics/leaks.json").read_text())) == {"near_duplicates"}
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
     again = output(["dvc", "repro"], work, env)
     assert stages_run(again) == ["check"] and "didn't change, skipping" in again

@@ -42,4 +42,4 @@ def leak_summary(pairs: pd.DataFrame, threshold: float) -> dict:
     involved = {split: int(pd.concat([pairs.loc[pairs.split_a == split, "path_a"],
                                       pairs.loc[pairs.split_b == split, "path_b"]]).nunique())
                 for split in ("train", "val", "test")}
-    return {"near_duplicate_pairs": len(pairs), "threshold": threshold, "images_in_pairs": involved}
+    return {"near_duplicates": len(pairs), "threshold": threshold, "images_in_pairs": involved}
