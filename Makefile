@@ -23,6 +23,9 @@ repro: $(STAMP)             # make repro ARGS="-f train"
 exp: $(STAMP)               # make exp ARGS="-S train.lr=0.003"
 	$(BIN)/dvc exp run $(ARGS)
 
+exp-show: $(STAMP)          # the experiments in 120 columns: what changed, no hash columns
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor|data/.*|models/.*' $(ARGS)
+
 metrics: $(STAMP)
 	$(BIN)/dvc metrics show $(ARGS)
 

@@ -3,7 +3,7 @@
 The params check and the data stages (check, download, index, weights) must reproduce byte for byte: their dvc.lock
 entries and metrics/index/summary.json equal the committed ones. The model is trained with floating-point kernels
 that differ between CPUs in the last bits, so its test accuracy is checked against a floor and
-a tolerance instead (README, CI).
+a tolerance instead (docs/scaling.md, CI).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ command, not a stage.
 
     python -m stages.sweep [PREFIX ...]     # experiments whose names start with a PREFIX (default: all)
 
-A single run's score moves with its seed as much as with many a setting (README, Is B better than
+A single run's score moves with its seed as much as with many a setting (docs/experiments.md, Is B better than
 A?): run the same settings under several `train.seed` (and `features.seed`) values, then report
 the spread, not one number. Reads `dvc exp show --json` (the experiments of the current commit)
 and prints a Markdown table, a row per metric of metrics/eval.json; std is the sample standard

@@ -200,7 +200,7 @@ BAD_PARAMS = {
                   "(got 'fast')",
     "out of range": "error: params.yaml: index.split_ratios: Value error, must be three fractions (train, val, test) "
                     "summing to 1",
-    "missing key": "error: params.yaml: missing key 'evaluate.workers'; add it (see README, Parameters)",
+    "missing key": "error: params.yaml: missing key 'evaluate.workers'; add it (see docs/parameters.md)",
     "missing section key": "error: params.yaml: missing key 'model.tta'",
 }
 

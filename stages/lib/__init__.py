@@ -1,1 +1,1 @@
-"""The library the stages stand on (README, "Where things live"); it never imports a stage."""
+"""The library the stages stand on (docs/stages.md, "Where things live"); it never imports a stage."""

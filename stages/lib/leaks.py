@@ -5,7 +5,7 @@ Each image's pretrained-backbone features (the features stage's plain view) are 
 dataset's mean and compared by cosine similarity across splits. Centring matters: pooled CNN
 features share a large common component, so raw cosines of distinct look-alike images (stained
 blood cells) reach 0.93, above re-encoded copies of a photo (0.77); centred, distinct images stay
-below about 0.76 and copies above about 0.83 (README, Leaks).
+below about 0.76 and copies above about 0.83 (docs/stages.md, leaks).
 """
 
 from __future__ import annotations

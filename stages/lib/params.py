@@ -1,4 +1,4 @@
-"""The one typed loader for params.yaml, used by every stage.
+"""The one typed loader for params.yaml, used by every stage (docs/parameters.md explains each key).
 
 Defaults live in params.yaml, not here: every field is required, so a missing key is as loud
 as an unknown one. pydantic does the checking; `load_params` turns its report into one line
@@ -173,9 +173,9 @@ def format_validation_error(error: ValidationError, source: Path) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<top level>"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; remove it or fix its spelling (see README, Parameters)"
+        return f"{source}: unknown key '{key}'; remove it or fix its spelling (see docs/parameters.md)"
     if first["type"] == "missing":
-        return f"{source}: missing key '{key}'; add it (see README, Parameters)"
+        return f"{source}: missing key '{key}'; add it (see docs/parameters.md)"
     return f"{source}: {key}: {first['msg']} (got {first.get('input')!r})"
 
 
