@@ -99,6 +99,7 @@ def test_a_stale_backbone_export_is_not_reused(trained_copy, caplog):
     check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.slow  # four stage processes
 def test_the_export_is_the_same_bytes_whatever_the_hash_seed(trained_copy):
     # Python salts string hashes per process; nothing in the export may depend on set order.
     root = trained_copy
