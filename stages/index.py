@@ -24,6 +24,7 @@ from stages.lib.splits import (
     assign_splits,
     build_index,
     data_summary,
+    describe_groups,
     drop_duplicates,
     skipped_summary,
     validate,
@@ -61,12 +62,18 @@ def main() -> None:
     empty = sorted(set(classes) - {im.class_name for im in images})
     if empty:
         raise UserError(f"class folder '{empty[0]}' has no usable images; add images or remove the folder")
+    groups = describe_groups([im.path for im in images], params.group_by) if params.group_by else None
+    if groups:
+        log.info("index.group_by: %d of %d files in %d groups, each kept in one split", groups["grouped_files"],
+                 len(images), groups["groups"])
     splits = assign_splits(images, params)
     index = build_index(images, splits, classes, params.seed)
 
     write_csv_atomic(INDEX_CSV, index)
     write_json_atomic(CLASSES_JSON, classes)
     summary = data_summary(index, classes, layout, skipped)
+    if groups:
+        summary["group_by"] = groups
     if unlisted is not None:
         summary["not_in_labels"] = unlisted  # images under data/raw/ the CSV does not list: ignored
     write_json_atomic(DATA_SUMMARY, summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -475,3 +476,46 @@ def test_an_invalid_group_pattern_is_a_param_error(project):
     project(index={"group_by": "patient(("})
     with pytest.raises(UserError, match=r"index.group_by: Value error, not a valid regular expression"):
         load_params()
+
+
+def test_a_labels_csv_without_a_header_row_is_read_as_data(project, caplog):
+    root = project(index={"labels": "labels.csv"})
+    write_labelled_images(root, [(f"im{i:02d}", "cat" if i % 2 else "dog") for i in range(20)])
+    csv_file = root / "data/raw/kaggle/labels.csv"
+    csv_file.write_text("\n".join(csv_file.read_text().splitlines()[1:]) + "\n")  # the header row gone
+    caplog.set_level("INFO")
+    table, summary = run_index(root)
+    assert "labels.csv has no header row: its first line is read as data" in caplog.text
+    assert len(table) == 20 and summary["skipped"] == 0  # the first row's image is in, not "not in labels.csv"
+    assert "kaggle/images/im00.png" in set(table["path"])
+
+
+def test_group_by_reports_its_groups_and_refuses_a_pattern_that_groups_nothing(project, caplog):
+    root = project(index={"group_by": r"patient(\d+)_"})
+    for patient in range(30):
+        for shot in range(2):
+            write_image(root / f"data/raw/{'sick' if patient % 3 == 0 else 'well'}/patient{patient}_{shot}.png",
+                        color=distinct_color(patient * 10 + shot), fmt="PNG")
+    caplog.set_level("INFO")
+    _, summary = run_index(root)
+    assert summary["group_by"] == {"pattern": r"patient(\d+)_", "grouped_files": 60, "groups": 30}
+    assert "index.group_by: 60 of 60 files in 30 groups, each kept in one split" in caplog.text
+    project(index={"group_by": r"subject(\d+)_"})  # the user's belief: subjects are kept together
+    with pytest.raises(UserError, match=r"^index.group_by 'subject\(\\d\+\)_' matches none of the 60 paths "
+                                        r"\(e.g. sick/patient0_0.png\); fix the pattern"):
+        index.main()
+
+
+def test_integer_labels_are_classes_in_numeric_order(project):
+    root = project(index={"labels": "labels.csv"})
+    write_labelled_images(root, [(f"im{i:03d}", str(i % 12)) for i in range(72)])
+    table, _ = run_index(root)
+    classes = json.loads((root / "data/classes.json").read_text())
+    assert classes == [str(i) for i in range(12)]  # not 0, 1, 10, 11, 2, ...
+    assert (table["label"] == table["class"].astype(int)).all()
+    # Folders named by numbers too
+    root = project(index={"labels": None})
+    shutil.rmtree(root / "data/raw")
+    make_image_tree(root / "data/raw/digits", {str(i): 5 for i in (10, 9, 1, 0)}, start=100)
+    run_index(root)
+    assert json.loads((root / "data/classes.json").read_text()) == ["0", "1", "9", "10"]

@@ -56,7 +56,33 @@ def test_stage_prints_one_line_and_writes_nothing(project, command):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: index.seed: Input should be a valid integer, unable to parse string as an integer "
-        "(got 'x')"
+        "error: params.yaml: index.seed: Input should be a valid integer (got 'x')"
     ]
     assert not (root / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+        ({"data": {"timeout": float("inf")}}, "data.timeout: Input should be a finite number"),
+        ({"train": {"weight_decay": float("inf")}}, "train.weight_decay: Input should be a finite number"),
+        ({"train": {"lr": float("nan")}}, "train.lr: Input should be a finite number"),
+        ({"train": {"epochs": True}}, "train.epochs: Input should be a valid integer (got True)"),
+        ({"train": {"lr": True}}, "train.lr: Value error, should be a number, not true or false"),
+        ({"train": {"freeze_bn": "yes"}}, "train.freeze_bn: Input should be a valid boolean (got 'yes')"),
+        ({"data": {"url": " "}}, "data.url: Value error, should not be blank"),
+        ({"index": {"labels": "  "}}, "index.labels: Value error, should not be blank"),
+    ],
+)
+def test_values_that_would_cost_a_model_are_refused(project, overrides, message):
+    project(**overrides)
+    with pytest.raises(UserError) as err:
+        load_params()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_number_yaml_reads_as_a_string_is_still_a_number(project):
+    root = project()
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("lr: 0.001", "lr: 1e-3"))
+    assert load_params().train.lr == 0.001

@@ -19,7 +19,7 @@ import pandas as pd
 
 from stages.lib.cli import UserError
 from stages.lib.images import is_image_name
-from stages.lib.layouts import SPLIT_SYNONYMS, Candidate, files_under
+from stages.lib.layouts import SPLIT_SYNONYMS, Candidate, class_order, files_under
 from stages.lib.params import IndexParams
 
 log = logging.getLogger("index")
@@ -53,7 +53,14 @@ def read_table(path: Path) -> pd.DataFrame:
         with path.open(newline="", encoding="utf-8-sig") as stream:
             sample = stream.read(65536)
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
-        return pd.read_csv(path, sep=dialect.delimiter, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        read = dict(sep=dialect.delimiter, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        table = pd.read_csv(path, **read)
+        if any(is_image_name(PurePosixPath(str(name))) for name in table.columns):
+            # The first line names an image, not a column: there is no header row, and that line is data.
+            log.info("%s has no header row: its first line is read as data", path.name)
+            table = pd.read_csv(path, header=None, **read)
+            table.columns = [f"column{i + 1}" for i in range(len(table.columns))]
+        return table
     except (csv.Error, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         reason = str(err).splitlines()[0]
         raise UserError(f"{path}: not a readable CSV ({reason}); fix the file or index.labels") from None
@@ -167,7 +174,7 @@ def list_labelled_images(raw: Path, params: IndexParams) -> tuple[str, list[str]
     if unlisted:
         log.info("%d images under %s/ are not in %s and were left out (the first: %s)", len(unlisted), raw,
                  source.name, relative(unlisted[0]))
-    classes = sorted({im.class_name for im in images})
+    classes = class_order(im.class_name for im in images)
     if len(classes) < 2:
         raise UserError(f"{source}: {len(classes)} label(s) with usable images ({', '.join(classes) or 'none'}); "
                         "a classifier needs at least two")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -37,6 +38,15 @@ class Candidate:
     width: int = 0
     height: int = 0
 
+
+
+def class_order(names) -> list[str]:
+    """Class names in id order: sorted, numerically when every name is an integer (0, 1, 2, ..., 10,
+    not 0, 1, 10, 2), so that a class's id is the number its images are labelled with."""
+    names = set(names)
+    if all(re.fullmatch(r"[+-]?\d+", name) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
 
 def is_litter(name: str) -> bool:
     return name.startswith(".") or name.lower() in LITTER
@@ -183,7 +193,7 @@ def list_images(raw: Path) -> tuple[str, list[str], list[Candidate], list[dict]]
                 images.append(Candidate(relative(f), class_name, split))
             else:
                 skipped.append({"path": relative(f), "reason": f"unsupported file type '{f.suffix}'"})
-    classes = sorted({name for _, name, _ in sources})
+    classes = class_order(name for _, name, _ in sources)
     if len(classes) < 2:
         raise UserError(f"{root}: only one class folder ('{classes[0]}'); a classifier needs at least two")
     return layout, classes, sorted(images, key=lambda im: im.path), skipped

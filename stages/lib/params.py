@@ -14,9 +14,13 @@ from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -27,35 +31,52 @@ from stages.lib.paths import PARAMS_FILE
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers finite, booleans only true or false, integers not booleans: YAML's `.inf`, `true` for
+    # an epoch count or 'yes' for a flag are typos that would cost a model, not settings.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
-UnitInterval = Annotated[float, Field(gt=0, le=1)]
+def not_a_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("should be a number, not true or false")
+    return value
+
+
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("should not be blank")
+    return value
+
+
+# A float from a number or a numeric string (YAML reads 1e-3 as a string), never from a boolean.
+Number = Annotated[float, BeforeValidator(not_a_bool)]
+Text = Annotated[str, AfterValidator(not_blank)]
+PositiveFloat = Annotated[Number, Field(gt=0)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]
+UnitInterval = Annotated[Number, Field(gt=0, le=1)]
 
 
 class DataParams(Strict):
-    url: str = Field(min_length=1)
+    url: Text
     sha256: Optional[str] = Field(pattern=r"^[0-9a-f]{64}$")
     timeout: PositiveFloat
-    retries: Annotated[int, Field(ge=0, le=20)]
-    retry_backoff: Annotated[float, Field(ge=0)]
+    retries: Annotated[StrictInt, Field(ge=0, le=20)]
+    retry_backoff: Annotated[Number, Field(ge=0)]
     max_unpacked_mb: PositiveFloat
-    max_members: Annotated[int, Field(ge=1)]
+    max_members: Annotated[StrictInt, Field(ge=1)]
 
 
 class IndexParams(Strict):
-    seed: int
+    seed: StrictInt
     val_fraction: Fraction
     split_ratios: tuple[Fraction, Fraction, Fraction]
-    max_pixels: Annotated[int, Field(ge=1)]
-    workers: Annotated[int, Field(ge=0)]
-    labels: Optional[str] = Field(min_length=1)
-    path_column: Optional[str] = Field(min_length=1)
-    label_column: Optional[str] = Field(min_length=1)
-    split_column: Optional[str] = Field(min_length=1)
-    group_by: Optional[str] = Field(min_length=1)
+    max_pixels: Annotated[StrictInt, Field(ge=1)]
+    workers: Annotated[StrictInt, Field(ge=0)]
+    labels: Optional[Text]
+    path_column: Optional[Text]
+    label_column: Optional[Text]
+    split_column: Optional[Text]
+    group_by: Optional[Text]
 
     @field_validator("group_by")
     @classmethod
@@ -76,21 +97,21 @@ class IndexParams(Strict):
 
 
 class ModelParams(Strict):
-    backbone: str = Field(min_length=1)
-    weights: str = Field(min_length=1)
+    backbone: Text
+    weights: Text
     head: Literal["linear", "mlp"]
-    hidden: Annotated[int, Field(ge=1)]
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    hidden: Annotated[StrictInt, Field(ge=1)]
+    dropout: Annotated[Number, Field(ge=0, lt=1)]
     tta: Literal["none", "hflip"]
 
 
 class AugmentParams(Strict):
     crop_scale: tuple[UnitInterval, UnitInterval]
-    hflip: Annotated[float, Field(ge=0, le=1)]
-    rotation: Annotated[float, Field(ge=0, le=180)]
-    color_jitter: Annotated[float, Field(ge=0, le=1)]
+    hflip: Annotated[Number, Field(ge=0, le=1)]
+    rotation: Annotated[Number, Field(ge=0, le=180)]
+    color_jitter: Annotated[Number, Field(ge=0, le=1)]
     policy: Literal["none", "trivial", "rand"]
-    erasing: Annotated[float, Field(ge=0, le=1)]
+    erasing: Annotated[Number, Field(ge=0, le=1)]
 
     @field_validator("crop_scale")
     @classmethod
@@ -101,50 +122,50 @@ class AugmentParams(Strict):
 
 
 class FeaturesParams(Strict):
-    views: Annotated[int, Field(ge=0, le=64)]
-    batch_size: Annotated[int, Field(ge=1)]
-    workers: Annotated[int, Field(ge=0)]
-    seed: int
+    views: Annotated[StrictInt, Field(ge=0, le=64)]
+    batch_size: Annotated[StrictInt, Field(ge=1)]
+    workers: Annotated[StrictInt, Field(ge=0)]
+    seed: StrictInt
 
 
 class LeaksParams(Strict):
-    threshold: Annotated[float, Field(gt=0, le=1)]
-    pictures: Annotated[int, Field(ge=1, le=64)]
+    threshold: Annotated[Number, Field(gt=0, le=1)]
+    pictures: Annotated[StrictInt, Field(ge=1, le=64)]
 
 
 class TrainParams(Strict):
-    epochs: Annotated[int, Field(ge=0)]
-    head_epochs: Annotated[int, Field(ge=0)]
-    batch_size: Annotated[int, Field(ge=1)]
-    head_batch_size: Annotated[int, Field(ge=1)]
+    epochs: Annotated[StrictInt, Field(ge=0)]
+    head_epochs: Annotated[StrictInt, Field(ge=0)]
+    batch_size: Annotated[StrictInt, Field(ge=1)]
+    head_batch_size: Annotated[StrictInt, Field(ge=1)]
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: PositiveFloat
-    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)]
-    momentum: Annotated[float, Field(ge=0, lt=1)]
-    weight_decay: Annotated[float, Field(ge=0)]
+    backbone_lr_mult: Annotated[Number, Field(gt=0, le=1)]
+    momentum: Annotated[Number, Field(ge=0, lt=1)]
+    weight_decay: Annotated[Number, Field(ge=0)]
     scheduler: Literal["step", "cosine", "onecycle", "none"]
-    step_size: Annotated[int, Field(ge=1)]
-    gamma: Annotated[float, Field(gt=0, le=1)]
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    step_size: Annotated[StrictInt, Field(ge=1)]
+    gamma: Annotated[Number, Field(gt=0, le=1)]
+    label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
     class_weighting: Literal["none", "balanced", "sampler"]
     select_on: Literal["accuracy", "macro_f1"]
-    freeze_bn: bool
-    trainable_fraction: Annotated[float, Field(gt=0, le=1)]
-    image_size: Annotated[int, Field(ge=32)] | None
-    patience: Annotated[int, Field(ge=0)]
+    freeze_bn: StrictBool
+    trainable_fraction: Annotated[Number, Field(gt=0, le=1)]
+    image_size: Annotated[StrictInt, Field(ge=32)] | None
+    patience: Annotated[StrictInt, Field(ge=0)]
     time_budget: PositiveFloat | None
-    head_search: bool
-    seed: int
-    workers: Annotated[int, Field(ge=0)]
-    amp: bool | Literal["auto"]
-    channels_last: bool
-    compile: bool
+    head_search: StrictBool
+    seed: StrictInt
+    workers: Annotated[StrictInt, Field(ge=0)]
+    amp: StrictBool | Literal["auto"]
+    channels_last: StrictBool
+    compile: StrictBool
 
 
 class EvaluateParams(Strict):
-    batch_size: Annotated[int, Field(ge=1)]
-    workers: Annotated[int, Field(ge=0)]
-    grid_images: Annotated[int, Field(ge=1, le=64)]
+    batch_size: Annotated[StrictInt, Field(ge=1)]
+    workers: Annotated[StrictInt, Field(ge=0)]
+    grid_images: Annotated[StrictInt, Field(ge=1, le=64)]
 
 
 class Params(Strict):

@@ -101,6 +101,16 @@ def group_keys(paths: Sequence[str], pattern: str | None) -> list[str]:
     return keys
 
 
+def describe_groups(paths: Sequence[str], pattern: str) -> dict:
+    """How many files `index.group_by` puts in how many groups; a pattern that groups nothing is
+    refused, since the user believes their patients or objects are kept together."""
+    keys = [key for key in group_keys(paths, pattern) if key.startswith("group:")]
+    if not keys:
+        raise UserError(f"index.group_by '{pattern}' matches none of the {len(paths)} paths (e.g. {paths[0]}); "
+                        "fix the pattern against the paths under data/raw/, or set it to null")
+    return {"pattern": pattern, "grouped_files": len(keys), "groups": len(set(keys))}
+
+
 def grouped_split(class_names: Sequence[str], groups: Sequence[str], ratios: Sequence[float],
                   split_names: Sequence[str], seed: int) -> list[str]:
     """A split name per item, every group whole in one split, each class's shares as near the
