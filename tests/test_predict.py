@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from stages import evaluate, predict
 from stages.lib.cli import UserError
@@ -82,7 +83,8 @@ def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
     root = trained_copy
     image = str(next((root / "data/raw").rglob("*.png")))
     truncated = root / "models/truncated.pt"
-    truncated.write_bytes((root / "models/model.pt").read_bytes()[:5000])
+    whole = (root / "models/model.pt").read_bytes()
+    truncated.write_bytes(whole[:len(whole) // 2])  # torch's reason is then 337 characters
     photo = root / "photo.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
 
@@ -97,6 +99,19 @@ def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
         "models/pretrained.pt: not a model checkpoint (the weights stage's pretrained weights); "
         "give the models/model.pt the train stage writes")
     assert refusal(str(photo)).startswith(f"{photo}: not a readable model checkpoint")
+    # The cause shortened at a word's end, never inside one
+    cause = refusal(str(truncated)).split(" (", 1)[1].rsplit("); give the", 1)[0]
+    try:
+        torch.load(truncated, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever torch says, the line must not cut a word of it
+        said = str(error).splitlines()[0]
+    kept = cause.removesuffix(" ...")
+    assert len(cause) <= 120 and said.startswith(kept) and said[len(kept):len(kept) + 1] in ("", " "), (cause, said)
+    # A TorchScript file as the model: one line, no warning from torch before it
+    scripted = root / "models/scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    assert one_line_error(root, image, "--model", str(scripted)).startswith(
+        f"error: {scripted}: not a")
     assert refusal("models/nothing.pt") == "models/nothing.pt: not found; run the train stage first (dvc repro)"
     # As a command: that one line on stderr, no traceback.
     assert one_line_error(root, image, "--model", str(truncated)).startswith(

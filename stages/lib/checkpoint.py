@@ -7,8 +7,10 @@ changes whenever a field changes meaning, and an older file is refused with a li
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from textwrap import shorten
 
 import torch
 from torch import nn
@@ -87,10 +89,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not path.is_file():
         raise UserError(f"{path}: not found; run the train stage first (dvc repro)")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # A TorchScript or other file makes torch warn before it fails: the one-line error says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, not a zip, not torch: all mean the same here
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: not a readable model checkpoint ({reason[:120]}); "
+        raise UserError(f"{path}: not a readable model checkpoint ({shorten(reason, 120, placeholder=' ...')}); "
                         "give the models/model.pt the train stage writes, or retrain it (dvc repro)") from None
     return checkpoint_from_dict(data, path)
 
