@@ -26,10 +26,10 @@ from contextlib import nullcontext
 from dvclive import Live
 
 from stages.lib.cli import run_stage
-from stages.lib.files import write_csv_atomic, write_json_atomic
+from stages.lib.files import only_writer, write_csv_atomic, write_json_atomic
 from stages.lib.head_search import search_table, winner
 from stages.lib.params import load_params
-from stages.lib.paths import CURVES_PNG, HEAD_SEARCH_CSV, LIVE_DIR, TIME_JSON, TRAIN_METRICS
+from stages.lib.paths import CURVES_PNG, HEAD_SEARCH_CSV, LIVE_DIR, TIME_JSON, TRAIN_LOCK, TRAIN_METRICS, TRAIN_STATE
 from stages.lib.plots import save_learning_curves
 from stages.lib.runtime import pick_device, start_distributed, stop_distributed, stop_on_sigterm
 from stages.lib.training import Trained, train_and_calibrate
@@ -53,16 +53,19 @@ def main() -> None:
     params = load_params()
     rank, world_size = start_distributed()
     stop_on_sigterm()
-    with (Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if rank == 0 else nullcontext()) as live:
-        trained = train_and_calibrate(params, pick_device(), live, rank, world_size)
-        if live is not None:
-            # The best epoch's val scores, flat (DVCLive adds `step`); every epoch's stay in its plots.
-            best = trained.records.best
-            live.summary = {"best_epoch": best.epoch, "val_accuracy": best.val_acc, "val_macro_f1": best.val_f1,
-                            "val_loss": best.val_loss, "step": live.summary.get("step", live.step)}
-    stop_distributed(world_size)
-    if rank == 0:
-        write_records(trained, started)
+    # One training at a time writes models/ and metrics/train, resumes or appends to them.
+    with only_writer(TRAIN_LOCK, str(TRAIN_STATE)) if rank == 0 else nullcontext():
+        with (Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if rank == 0 else nullcontext()) as live:
+            trained = train_and_calibrate(params, pick_device(), live, rank, world_size)
+            if live is not None:
+                # The best epoch's val scores, flat (DVCLive adds `step`); every epoch's stay in its plots.
+                best = trained.records.best
+                live.summary = {"best_epoch": best.epoch, "val_accuracy": best.val_acc,
+                                "val_macro_f1": best.val_f1, "val_loss": best.val_loss,
+                                "step": live.summary.get("step", live.step)}
+        stop_distributed(world_size)
+        if rank == 0:
+            write_records(trained, started)
 
 
 if __name__ == "__main__":

@@ -438,3 +438,84 @@ def test_augmentation_policies_and_random_erasing_change_training_images_reprodu
     # With mean 0.5, no pixel k/255 normalises to exactly 0: exact zeros are erased pixels.
     assert all((v == 0).all(0).sum() == 0 for v in plain)
     assert all((v == 0).all(0).sum() > 0 for v in views(erasing=1.0))
+
+
+def outputs_digest(root) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): file_sha256(p) for folder in ("models", "metrics")
+            for p in sorted((root / folder).rglob("*")) if p.is_file() and p.name != ".train.lock"}
+
+
+def training_started(root, process) -> None:
+    """Wait until a network epoch of the run in `process` is done (its resume state says so)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before its first epoch"
+        try:
+            state = torch.load(root / "models/train_state.pt", weights_only=True)
+            if not state["complete"] and (state["network"] or {}).get("epochs_done", 0) >= 1:
+                return
+        except (EOFError, RuntimeError, FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.05)
+
+
+LONG_FINETUNE = {"strategy": "finetune", "train": {"head_epochs": 1, "epochs": 40, "workers": 1}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("through", ["python", "sh"])
+def test_a_stage_dies_with_the_process_that_started_it(tiny_project, through):
+    # DVC starts a stage itself (bash execs the command) or through `sh -c` (dash does not): kill -9
+    # DVC, and the stage must stop at once, not write models/ and metrics/ for minutes.
+    import psutil
+
+    root = tiny_project(**LONG_FINETUNE)
+    command = [sys.executable, "-m", "stages", "train"]
+    if through == "sh":
+        command = ["/bin/sh", "-c", " ".join(command)]
+    starter = subprocess.Popen([sys.executable, "-c", f"import subprocess; subprocess.run({command!r})"], cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [p for p in psutil.Process(starter.pid).children(recursive=True) if "stages" in " ".join(p.cmdline())]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stage = next(p for p in psutil.Process(starter.pid).children(recursive=True) if "stages" in " ".join(p.cmdline()))
+    workers_and_stage = [stage]
+    training_started(root, starter)
+    workers_and_stage += stage.children(recursive=True)  # the data loader's worker
+    starter.kill()  # SIGKILL, as `kill -9` on dvc repro
+    starter.wait()
+    gone, alive = psutil.wait_procs(workers_and_stage, timeout=5)
+    # A zombie has exited (an init that does not reap, as in some containers, leaves it listed)
+    def still_running(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    running = [p for p in alive if still_running(p)]
+    assert not running, f"still running after the process that started it died: {running}"
+    after = outputs_digest(root)
+    time.sleep(2)
+    assert outputs_digest(root) == after
+
+
+@pytest.mark.slow
+def test_a_second_training_is_refused_while_the_first_runs(tiny_project):
+    root = tiny_project(**LONG_FINETUNE)
+    first = subprocess.Popen([sys.executable, "-m", "stages", "train"], cwd=root, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        training_started(root, first)
+        second = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, capture_output=True, text=True)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"error: models/train_state.pt: another process ({first.pid}) is writing it; wait for it to finish, "
+            f"or stop it (kill {first.pid})"]
+    finally:
+        first.kill()
+        first.wait()
+    # Once the first is gone (even by SIGKILL), the lock is free: the next run resumes it.
+    resumed = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    assert resumed.returncode == 0 and "resuming an interrupted run" in resumed.stderr, resumed.stderr

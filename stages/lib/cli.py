@@ -1,15 +1,68 @@
-"""What every stage's `main` shares: logging set-up and the one-line error for bad input."""
+"""What every stage's `main` shares: logging set-up, the one-line error for bad input, and dying
+with the process that started it."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Callable
+
+PR_SET_PDEATHSIG = 1
+WATCH_SECONDS = 0.5
 
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line, no traceback, exit status 1."""
+
+
+def started_at(pid: int) -> str | None:
+    """A process's start time (/proc/PID/stat's 22nd field): with its pid, who it is; None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def starters() -> list[int]:
+    """The process that started this one: the parent, and, when the parent is a shell running one
+    command for it (`sh -c CMD`: DVC's way with a shell that does not exec its command, such as
+    dash), the parent's parent too."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return [parent]
+    shell = len(argv) >= 3 and Path(argv[0].decode(errors="replace")).name in ("sh", "dash", "bash", "zsh", "ksh") \
+        and b"-c" in argv
+    grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1]) if shell else 0
+    return [parent, grandparent] if grandparent > 1 else [parent]
+
+
+def die_with_starter() -> None:
+    """Be killed (SIGKILL: no handler runs, nothing more is written) as soon as the process that
+    started this one dies, even by SIGKILL: a stage must not outlive the run that DVC reports as
+    failed, nor write beside the next one. Linux: the kernel's parent-death signal for the parent,
+    and a watch every half second on a shell's parent. Elsewhere nothing."""
+    if not sys.platform.startswith("linux") or os.getppid() == 1:
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    watched = {pid: started_at(pid) for pid in starters()}
+    if any(start is None for start in watched.values()):  # gone already, before the signal was set
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        pause = threading.Event()
+        while not pause.wait(WATCH_SECONDS):
+            if any(started_at(pid) != start for pid, start in watched.items()):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-starter", daemon=True).start()
 
 
 def run_stage(main: Callable[[], object]):
@@ -17,6 +70,7 @@ def run_stage(main: Callable[[], object]):
     if not gc.isenabled():  # the program's imports are done (stages/__init__.py)
         gc.freeze()
         gc.enable()
+    die_with_starter()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return main()

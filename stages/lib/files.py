@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -123,3 +124,23 @@ def file_sha256(path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def only_writer(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` while writing `what`; a second writer is refused with one line
+    naming the process that holds it. A POSIX record lock: the kernel releases it when its holder
+    dies, however, and the data loader's forked workers do not inherit it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{what}: another process ({holder}) is writing it; wait for it to finish, or stop "
+                            f"it (kill {holder})") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield

@@ -19,6 +19,7 @@ AUGMENTATIONS_PNG = Path("metrics/features/augmentations.png")  # what the netwo
 
 MODEL = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
+TRAIN_LOCK = Path("models/.train.lock")  # held by the one train process writing models/ and metrics/train
 TRAIN_METRICS = Path("metrics/train.json")  # the best epoch's val accuracy
 LIVE_DIR = Path("metrics/train")  # DVCLive: the best epoch's val scores (metrics.json) and per-epoch plots
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
