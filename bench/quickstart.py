@@ -11,6 +11,7 @@ pipeline from an empty cache) and `make test` (ruff and the whole suite), then m
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -46,12 +47,12 @@ def main() -> None:
     clone = base / "clone"
     subprocess.run(["git", "clone", "-q", str(Path.cwd()), str(clone)], check=True)
     install, _ = timed(["make", ".venv/.installed"], clone)
-    run, run_output = timed(["make", "run"], clone)
+    run, _ = timed(["make", "run"], clone)
     test, test_output = timed(["make", "test"], clone)
     venv = size_mb(clone / ".venv")
     torch_parts = sum(size_mb(p) for p in (clone / ".venv/lib").glob("python*/site-packages/*")
                       if re.fullmatch(r"torch|nvidia|triton|cuda|cuda_\w+", p.name))
-    accuracy = re.search(r"test: accuracy (\d\.\d+)", run_output)
+    accuracy = json.loads((clone / "metrics/eval.json").read_text())["accuracy"]
     summary = [line for line in test_output.splitlines() if re.search(r"\d+ passed", line)]
     table = "\n".join([
         f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.quickstart` (one run, a fresh clone).",
@@ -59,8 +60,7 @@ def main() -> None:
         "| step | time |",
         "|---|---|",
         f"| set up `.venv` and install (the first step of both commands) | {install:.0f} s |",
-        f"| `make run`: the pipeline from an empty cache | {run:.0f} s (test accuracy "
-        f"{accuracy.group(1) if accuracy else '?'}) |",
+        f"| `make run`: the pipeline from an empty cache | {run:.0f} s (test accuracy {accuracy:.4f}) |",
         f"| `make test`: ruff and the whole suite | {test:.0f} s ({summary[-1].strip('= ') if summary else '?'}) |",
         f"| the `.venv` | {venv / 1024:.1f} GB, {torch_parts / 1024:.1f} GB of it torch, its NVIDIA libraries "
         "and triton |",

@@ -62,6 +62,8 @@ def main() -> None:
                 best = trained.records.best
                 live.summary = {"best_epoch": best.epoch, "val_accuracy": best.val_acc,
                                 "val_macro_f1": best.val_f1, "val_loss": best.val_loss,
+                                "temperature": trained.checkpoint.temperature,
+                                "temperature_fitted": trained.temperature_fitted,
                                 "step": live.summary.get("step", live.step)}
         stop_distributed(world_size)
         if rank == 0:

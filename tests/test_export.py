@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from stages import export, export_backbone
 from stages.lib.backbones import Preprocessing
-from stages.lib.checkpoint import read_checkpoint
+from stages.lib.checkpoint import read_checkpoint, save_checkpoint
 from stages.lib.data import eval_transform
 from stages.lib.export import probability_model
 from stages.lib.images import load_image
@@ -89,12 +90,13 @@ def test_a_stale_backbone_export_is_not_reused(trained_copy, caplog):
     export_backbone.main()
     made_from = root / "models/backbone_export/backbone.json"
     made_from.write_text(json.dumps({**json.loads(made_from.read_text()), "pretrained_sha256": "0" * 64}))
+    # A temperature other than 1, so that the comparison below shows the export applies it
+    model = root / "models/model.pt"
+    save_checkpoint(model, replace(read_checkpoint(model), temperature=0.6))
     with caplog.at_level("INFO"):
         export.main()
     assert "joining its export" not in caplog.text
-    temperature = read_checkpoint(root / "models/model.pt").temperature
-    assert temperature != 1.0  # so the comparison below shows the exports apply it
-    assert json.loads((root / "models/export/model.json").read_text())["temperature"] == temperature
+    assert json.loads((root / "models/export/model.json").read_text())["temperature"] == 0.6
     size = json.loads((root / "models/export/model.json").read_text())["input_size"]
     check_exports_match_pytorch(root, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
 

@@ -41,22 +41,12 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert 1 <= checkpoint["epoch"] <= 3
     assert checkpoint["pretrained_backbone_sha256"] == file_sha256(root / "models/pretrained.pt")
     assert checkpoint["version"] == 3 and checkpoint["tta"] == "none"
-    # The temperature fitted on the val split: the val NLL is no worse with it than without.
-    from stages.lib.calibration import negative_log_likelihood, softmax
-    from stages.lib.checkpoint import read_checkpoint
-    from stages.lib.data import read_split
-    from stages.lib.features import split_probabilities
-
-    model = read_checkpoint(root / "models/model.pt")
-    probs, labels = split_probabilities(model, "val", read_split("val"), 8, 0)
-    log_probs = probs.clamp_min(1e-12).log().numpy()
-    assert model.temperature > 0 and model.temperature != 1.0
-    assert negative_log_likelihood(softmax(log_probs / model.temperature), labels.numpy()) <= \
-        negative_log_likelihood(probs.numpy(), labels.numpy())
+    # Six val images: too few to fit a temperature on, so it stays 1, and the metrics say so.
+    assert checkpoint["temperature"] == 1.0
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     assert summary == {"best_epoch": checkpoint["epoch"], "val_accuracy": checkpoint["metrics"]["val_acc"],
                        "val_macro_f1": checkpoint["metrics"]["val_f1"], "val_loss": checkpoint["metrics"]["val_loss"],
-                       "step": 2}
+                       "temperature": 1.0, "temperature_fitted": False, "step": 2}
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
     assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
 
@@ -178,7 +168,8 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     assert "interrupted: models/model.pt keeps the best epoch so far" in stderr
     checkpoint = load_model_checkpoint(root)
     assert checkpoint["epoch"] >= 1
-    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporary files left
+    temporary = [p for p in (root / "models").iterdir() if p.name.startswith(".") and p.name != ".train.lock"]
+    assert not temporary  # no temporary files left (the lock stays: held only while a run lives)
 
 
 def test_mixed_precision_on_cpu_only_where_bf16_pays(monkeypatch):
@@ -519,3 +510,28 @@ def test_a_second_training_is_refused_while_the_first_runs(tiny_project):
     resumed = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
     assert resumed.returncode == 0 and "resuming an interrupted run" in resumed.stderr, resumed.stderr
+
+
+def test_a_temperature_is_fitted_only_on_enough_val_images(tiny_project, monkeypatch, caplog):
+    from stages.lib import training
+    from stages.lib.calibration import negative_log_likelihood, softmax
+    from stages.lib.data import read_split
+    from stages.lib.features import split_probabilities
+
+    root = tiny_project(strategy="frozen")
+    val_images = len(read_split("val"))
+    caplog.set_level("INFO")
+    train.main()
+    assert read_checkpoint(root / "models/model.pt").temperature == 1.0
+    assert (f"temperature kept at 1: the val split has {val_images} images, fewer than the "
+            f"{training.MIN_VAL_IMAGES_FOR_TEMPERATURE} a fitted temperature needs") in caplog.text
+    # With the floor at the tiny project's size, the temperature is fitted: the val NLL is no worse.
+    monkeypatch.setattr(training, "MIN_VAL_IMAGES_FOR_TEMPERATURE", val_images)
+    train.main()
+    model = read_checkpoint(root / "models/model.pt")
+    probs, labels = split_probabilities(model, "val", read_split("val"), 8, 0)
+    log_probs = probs.clamp_min(1e-12).log().numpy()
+    assert 0.05 <= model.temperature <= 20 and model.temperature != 1.0
+    assert negative_log_likelihood(softmax(log_probs / model.temperature), labels.numpy()) <= \
+        negative_log_likelihood(probs.numpy(), labels.numpy())
+    assert json.loads((root / "metrics/train/metrics.json").read_text())["temperature_fitted"] is True

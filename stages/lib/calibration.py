@@ -50,13 +50,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(1, keepdims=True)
 
 
+# Beyond these a temperature says more about the images it was fitted on than about the model:
+# 0.1 raises every probability to the 10th power. Fitted on 30 val images or more it stays within
+# 0.3 to 0.8 on the three archives (bench.temperature).
+TEMPERATURE_RANGE = (0.1, 10.0)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T): a golden-section search on log T,
-    on which the NLL is unimodal; deterministic, milliseconds on cached logits."""
+    """The T in TEMPERATURE_RANGE minimising the NLL of softmax(logits / T): a golden-section search
+    on log T, on which the NLL is unimodal; deterministic, milliseconds on cached logits."""
     def nll(log_t: float) -> float:
         return negative_log_likelihood(softmax(logits / np.exp(log_t)), labels)
 
-    low, high = np.log(0.05), np.log(20.0)
+    low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
     for _ in range(80):

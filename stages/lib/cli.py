@@ -44,6 +44,12 @@ def starters() -> list[int]:
     return [parent, grandparent] if grandparent > 1 else [parent]
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def die_with_starter() -> None:
     """Be killed (SIGKILL: no handler runs, nothing more is written) as soon as the process that
     started this one dies, even by SIGKILL: a stage must not outlive the run that DVC reports as
@@ -51,7 +57,7 @@ def die_with_starter() -> None:
     and a watch every half second on a shell's parent. Elsewhere nothing."""
     if not sys.platform.startswith("linux") or os.getppid() == 1:
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     watched = {pid: started_at(pid) for pid in starters()}
     if any(start is None for start in watched.values()):  # gone already, before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stages.lib.backbones import Preprocessing
-from stages.lib.cli import UserError
+from stages.lib.cli import UserError, die_with_parent
 from stages.lib.images import load_image
 from stages.lib.params import AugmentParams
 from stages.lib.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
@@ -146,6 +146,8 @@ def decode_size(prep: Preprocessing, augmented: bool = False) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
+    # A worker goes with its stage at once (torch's own check of the parent takes up to 5 s).
+    die_with_parent()
     # Each worker's torch seed is derived from the loader's generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
