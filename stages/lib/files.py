@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -39,17 +40,35 @@ def unwritable(target: Path, error: OSError) -> UserError:
                      "make that folder writable, or run where it is")
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and SIGTERM, which the train stage turns into Ctrl-C
+
+
+def hold_stops():
+    """Make Ctrl-C and SIGTERM wait (where the platform can); release_stops(what this returns)
+    lets them through. A stop between creating a temporary file and the `try` that removes it
+    would leave the file behind: the writers below hold stops until that `try` has begun."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, STOPS) if hasattr(signal, "pthread_sigmask") else None
+
+
+def release_stops(previous) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
+    previous = hold_stops()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as error:
+        release_stops(previous)
         raise unwritable(target, error) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        release_stops(previous)
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs are not
         os.replace(tmp, target)
@@ -97,13 +116,16 @@ def write_csv_atomic(target: Path, table) -> None:
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
+    previous = hold_stops()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as error:
+        release_stops(previous)
         raise unwritable(target, error) from None
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
     try:
+        release_stops(previous)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
         yield tmp
         if target.exists():
             # Move the old tree aside first so that `target` is never a mix of old and new.
