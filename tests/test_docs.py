@@ -111,3 +111,14 @@ def test_readme_is_a_short_front_door():
     assert len(readme.splitlines()) <= 200
     for page in sorted((PROJECT_ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in readme, f"README does not link {page.name}"
+
+
+def test_every_param_and_every_stage_is_documented():
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    keys = [f"{section}.{key}" if isinstance(value, dict) else section
+            for section, value in params.items() for key in (value if isinstance(value, dict) else [None])]
+    reference = (PROJECT_ROOT / "docs/parameters.md").read_text(encoding="utf-8")
+    assert [key for key in keys if f"`{key}`" not in reference] == []
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    table = (PROJECT_ROOT / "docs/stages.md").read_text(encoding="utf-8")
+    assert [name for name in stages if f"| {name} | `stages/{name}.py` |" not in table] == []
