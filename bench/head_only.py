@@ -21,27 +21,16 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 from bench.publish import machine, publish
-from bench.workspace import restored_workspace
+from bench.workspace import restored_workspace, timed
 
 RESULTS = Path("bench/results/head_only.md")
 STAGES = ("check", "train", "evaluate", "export")
 FROZEN = ["-S", "strategy=frozen"]
 TARGET = 4.0
-
-
-def timed(command: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        print(done.stdout)
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
-    return seconds, done.stdout
 
 
 def median_of(runs: list[float]) -> str:

@@ -16,23 +16,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 from bench.publish import machine, publish
+from bench.workspace import timed
 
 RESULTS = Path("bench/results/quickstart.md")
-
-
-def timed(command: list[str], cwd: Path) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        print(done.stdout[-5000:])
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
-    return seconds, done.stdout
 
 
 def size_mb(folder: Path) -> float:

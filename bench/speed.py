@@ -40,6 +40,7 @@ import psutil
 import torch
 
 from bench.publish import publish
+from bench.workspace import timed
 from stages.lib.params import load_params
 from stages.lib.runtime import cpu_autocasts
 
@@ -82,23 +83,16 @@ def peak_rss(pattern: str):
         thread.join()
 
 
-def timed(command: list[str]) -> tuple[float, str]:
-    """Run a command, echoing its output; returns its wall time and output."""
-    print("$", " ".join(command), flush=True)
-    started = time.perf_counter()
-    completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - started
-    if completed.returncode != 0:
-        print(completed.stdout)
-        raise SystemExit(f"failed ({completed.returncode}): {' '.join(command)}")
-    return seconds, completed.stdout
 
+def timed_echo(command: list[str]) -> tuple[float, str]:
+    """A command timed, printed first: this bench's log says what ran."""
+    return timed(command, echo=True)
 
 def experiment(stages: list[str], *settings: str) -> tuple[float, list[str]]:
     """`dvc exp run` in the workspace; `stages` are forced. Returns wall time and the stages run."""
     overrides = [arg for setting in settings for arg in ("-S", setting)]
     forced = ["-f", "-s", *stages] if stages else []
-    seconds, output = timed(["dvc", "exp", "run", *overrides, *forced])
+    seconds, output = timed_echo(["dvc", "exp", "run", *overrides, *forced])
     ran = re.findall(r"Running stage '(\w+)'", output)
     print(f"  {seconds:.1f} s, stages run: {', '.join(ran) or 'none'}", flush=True)
     return seconds, ran
@@ -132,7 +126,7 @@ def forward_throughput(backbone: str, batch_size: int, seconds: float = 10.0) ->
 
 def recipe(strategy: str, backbone: str, epochs: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        seconds, _ = timed([sys.executable, "-m", "bench.recipe", "--strategy", strategy, "--backbone", backbone,
+        seconds, _ = timed_echo([sys.executable, "-m", "bench.recipe", "--strategy", strategy, "--backbone", backbone,
                             "--epochs", str(epochs), "--json", out.name])
         result = json.loads(Path(out.name).read_text())
     print(f"  recipe {strategy}: {seconds:.0f} s, best val {result['best_val_accuracy']:.4f}", flush=True)
@@ -151,15 +145,15 @@ def forward_passes() -> int:
 def start_up_seconds() -> float:
     """What a frozen run costs besides the backbone: DVC checking the pipeline, and each of the
     four stages starting Python and importing its libraries."""
-    seconds, _ = timed(["dvc", "repro"])  # everything up to date: DVC's own overhead
+    seconds, _ = timed_echo(["dvc", "repro"])  # everything up to date: DVC's own overhead
     for stage in ("weights", "features", "train", "evaluate"):
         # As `python -m stages NAME` imports it: collection off while importing (stages/__main__.py).
-        seconds += timed([sys.executable, "-c", f"import gc; gc.disable(); import stages.{stage}; gc.freeze()"])[0]
+        seconds += timed_echo([sys.executable, "-c", f"import gc; gc.disable(); import stages.{stage}; gc.freeze()"])[0]
     return seconds
 
 
 def index_speed(images: int) -> tuple[float, float]:
-    _, output = timed([sys.executable, "-m", "bench.index_speed", "--images", str(images)])
+    _, output = timed_echo([sys.executable, "-m", "bench.index_speed", "--images", str(images)])
     rate, peak = re.search(r"= (\d+) images/s .* peak RSS of one process (\d+) MB", output).groups()
     return float(rate), float(peak)
 
@@ -187,7 +181,7 @@ def main() -> None:
     backbone = args.backbone or params.model.backbone
     # Each experiment starts from the workspace the one before left: set what could differ.
     settings = [f"model.backbone={backbone}", f"train.lr={params.train.lr:g}"]
-    timed(["dvc", "repro", "index"])  # the data stages, cached from here on
+    timed_echo(["dvc", "repro", "index"])  # the data stages, cached from here on
 
     try:
         rates = forward_throughput(backbone, params.features.batch_size)
