@@ -21,12 +21,18 @@ class UserError(Exception):
     """Bad input the user can fix: printed as one line, no traceback, exit status 1."""
 
 
-def started_at(pid: int) -> str | None:
-    """A process's start time (/proc/PID/stat's 22nd field): with its pid, who it is; None once gone."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); None once it is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def started_at(pid: int) -> str | None:
+    """A process's start time (the 22nd field of its stat): with its pid, who it is; None once gone."""
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def starters() -> list[int]:
@@ -40,7 +46,8 @@ def starters() -> list[int]:
         return [parent]
     shell = len(argv) >= 3 and Path(argv[0].decode(errors="replace")).name in ("sh", "dash", "bash", "zsh", "ksh") \
         and b"-c" in argv
-    grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1]) if shell else 0
+    fields = stat_fields(parent) if shell else None
+    grandparent = int(fields[1]) if fields else 0
     return [parent, grandparent] if grandparent > 1 else [parent]
 
 
@@ -61,6 +68,8 @@ def die_with_starter() -> None:
     watched = {pid: started_at(pid) for pid in starters()}
     if any(start is None for start in watched.values()):  # gone already, before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)
+    if len(watched) == 1:  # the parent alone: the kernel's signal covers it
+        return
 
     def watch() -> None:
         pause = threading.Event()
