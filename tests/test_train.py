@@ -185,6 +185,21 @@ def test_mixed_precision_on_cpu_only_where_bf16_pays(monkeypatch):
                 assert not expected or torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def training_started(root, process, network_epochs: int = 1) -> None:
+    """Wait until the run in `process` has done `network_epochs` epochs of the whole network (its
+    resume state says so)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended first"
+        try:
+            state = torch.load(root / "models/train_state.pt", weights_only=True)
+            if not state["complete"] and (state["network"] or {}).get("epochs_done", 0) >= network_epochs:
+                return
+        except (EOFError, RuntimeError, FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.02)
+
+
 def run_train(root, env) -> subprocess.CompletedProcess:
     """The train stage as dvc.yaml runs it."""
     result = subprocess.run([sys.executable, "-m", "stages", "train"], cwd=root, env=env, capture_output=True,
@@ -207,16 +222,7 @@ def test_a_killed_run_resumes_after_its_last_epoch_with_the_same_result(tiny_pro
 
     process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before its second epoch"
-        try:
-            state = torch.load(state_file, weights_only=True)
-        except (EOFError, RuntimeError, FileNotFoundError):
-            continue
-        if not state["complete"] and (state["network"] or {}).get("epochs_done", 0) >= 2:
-            break
-        time.sleep(0.02)
+    training_started(root, process, network_epochs=2)
     process.kill()  # SIGKILL: no handler runs, as after a power cut
     process.wait()
     killed = torch.load(state_file, weights_only=True)
@@ -434,20 +440,6 @@ def test_augmentation_policies_and_random_erasing_change_training_images_reprodu
 def outputs_digest(root) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_sha256(p) for folder in ("models", "metrics")
             for p in sorted((root / folder).rglob("*")) if p.is_file() and p.name != ".train.lock"}
-
-
-def training_started(root, process) -> None:
-    """Wait until a network epoch of the run in `process` is done (its resume state says so)."""
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before its first epoch"
-        try:
-            state = torch.load(root / "models/train_state.pt", weights_only=True)
-            if not state["complete"] and (state["network"] or {}).get("epochs_done", 0) >= 1:
-                return
-        except (EOFError, RuntimeError, FileNotFoundError, KeyError):
-            pass
-        time.sleep(0.05)
 
 
 LONG_FINETUNE = {"strategy": "finetune", "train": {"head_epochs": 1, "epochs": 40, "workers": 1}}
