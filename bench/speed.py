@@ -105,7 +105,7 @@ def read_json(path: str) -> dict:
 def forward_throughput(backbone: str, batch_size: int, seconds: float = 10.0) -> dict[str, float]:
     """Images per second through the backbone alone, on random input of its own size."""
     from stages.lib.backbones import create_backbone, preprocessing_for, resolve_backbone
-    from stages.lib.features import inference_graph
+    from stages.lib.extraction import inference_graph
 
     model, _ = create_backbone(resolve_backbone(backbone))
     model.eval().to(memory_format=torch.channels_last)
@@ -135,11 +135,10 @@ def recipe(strategy: str, backbone: str, epochs: int) -> dict:
 
 def forward_passes() -> int:
     """Backbone inputs the features stage ran: images times views, over all splits."""
-    total = 0
-    for split in ("train", "val", "test"):
-        features = torch.load(f"data/features/{split}.pt", weights_only=True)["features"]
-        total += features.shape[0] * features.shape[1]
-    return total
+    from stages.lib.features import read_features
+
+    shapes = [read_features(split)["features"].shape for split in ("train", "val", "test")]
+    return sum(images * views for images, views, _ in shapes)
 
 
 def start_up_seconds() -> float:

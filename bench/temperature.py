@@ -31,13 +31,12 @@ SIZES = (5, 10, 15, 20, 30, 50, 100)
 def val_probabilities() -> tuple[np.ndarray, np.ndarray]:
     from stages.lib.checkpoint import read_checkpoint
     from stages.lib.features import read_features
-    from stages.lib.inference import feature_probabilities
+    from stages.lib.head import feature_probabilities
     from stages.lib.paths import MODEL
 
     checkpoint = read_checkpoint(MODEL)
     val = read_features("val")
-    probs = feature_probabilities(checkpoint.head_module(), val, checkpoint.tta)
-    return probs.numpy(), val["labels"].numpy()
+    return feature_probabilities(checkpoint.head_layers(), val, checkpoint.tta), val["labels"]
 
 
 def draws_for(probs: np.ndarray, labels: np.ndarray, n: int, draws: int, rng) -> dict:

@@ -2,9 +2,10 @@
 
 A model whose backbone is still exactly the pretrained one (strategy frozen, or a finetune run
 whose best epoch was a head epoch) is scored on the cached test features: the features stage
-already ran that backbone over the test images, so only the head runs here. Any other model runs
-on the images. Both go through lib/inference.py, in full precision, with the model's own tta,
-and the probabilities are scaled by the temperature train fitted on the val split.
+already ran that backbone over the test images, so only the head runs here, in numpy, without
+importing torch (lib/head.py). Any other model runs on the images (lib/inference.py). Both in
+full precision, with the model's own tta, and the probabilities are scaled by the temperature
+train fitted on the val split.
 
 Writes the headline test metrics, flat and few for `dvc exp show` (metrics/eval.json: accuracy,
 macro-F1, calibration error) and with them the detail (metrics/eval/summary.json: 95% bootstrap
@@ -21,16 +22,15 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
-import torch
 
-from stages.lib.calibration import brier_score, expected_calibration_error, reliability_table
+from stages.lib.calibration import brier_score, calibrate, expected_calibration_error, reliability_table
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import run_stage
-from stages.lib.data import read_split
 from stages.lib.features import split_probabilities
 from stages.lib.files import write_csv_atomic, write_json_atomic
-from stages.lib.inference import calibrate
+from stages.lib.index_table import read_split
 from stages.lib.metrics import (
     class_curves,
     confused_pairs,
@@ -90,7 +90,7 @@ def label_suspects(checkpoint, params) -> pd.DataFrame:
         raw, _ = split_probabilities(checkpoint, split, rows, params.batch_size, params.workers)
         scored.append((rows, calibrate(raw, checkpoint.temperature)))
     rows = pd.concat([r for r, _ in scored], ignore_index=True)
-    return top_losses(rows, torch.cat([p for _, p in scored]), checkpoint.classes, SUSPECTS)
+    return top_losses(rows, np.concatenate([p for _, p in scored]), checkpoint.classes, SUSPECTS)
 
 
 def save_suspects(table: pd.DataFrame, count: int) -> None:
@@ -109,7 +109,7 @@ HEADLINE = ("accuracy", "macro_f1", "ece")  # metrics/eval.json: what experiment
 def summary_metrics(scores: dict, raw, probs, labels, classes: list[str]) -> dict:
     """What summary.json holds: flat numbers, the intervals beside their scores (the best epoch is
     train's metric, the temperature is in the checkpoint and the export sidecar)."""
-    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    y_true, y_pred = labels, probs.argmax(1)
     intervals = bootstrap_intervals(y_true, y_pred, len(classes))
     return {
         "accuracy": scores["accuracy"],
@@ -120,9 +120,9 @@ def summary_metrics(scores: dict, raw, probs, labels, classes: list[str]) -> dic
         "macro_f1_high": intervals["macro_f1"][1],
         "balanced_accuracy": scores["balanced_accuracy"],
         "loss": scores["loss"],
-        "ece": expected_calibration_error(probs.numpy(), y_true),
-        "ece_uncalibrated": expected_calibration_error(raw.numpy(), y_true),
-        "brier": brier_score(probs.numpy(), y_true),
+        "ece": expected_calibration_error(probs, y_true),
+        "ece_uncalibrated": expected_calibration_error(raw, y_true),
+        "brier": brier_score(probs, y_true),
         "images": scores["images"],
     }
 
@@ -142,15 +142,15 @@ def main() -> None:
     write_csv_atomic(PREDICTIONS_CSV, table)
     write_csv_atomic(CONFUSION_CSV, table[["true", "predicted"]].rename(columns={"true": "actual"}))
     write_csv_atomic(PER_CLASS_CSV, per_class.round(6))
-    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    y_true, y_pred = labels, probs.argmax(1)
     write_csv_atomic(CONFUSED_PAIRS_CSV, confused_pairs(y_true, y_pred, checkpoint.classes).round(6))
-    calibrated = reliability_table(probs.numpy(), y_true)
+    calibrated = reliability_table(probs, y_true)
     write_csv_atomic(RELIABILITY_CSV, pd.DataFrame([r for r in calibrated if r["images"]]).round(6))
     series = {f"temperature {checkpoint.temperature:.3g}": (calibrated, metrics["ece"])}
     if checkpoint.temperature != 1.0:
-        series["without temperature"] = reliability_table(raw.numpy(), y_true), metrics["ece_uncalibrated"]
+        series["without temperature"] = reliability_table(raw, y_true), metrics["ece_uncalibrated"]
     save_reliability_diagram(series, RELIABILITY_PNG)
-    save_class_curves(class_curves(probs.numpy(), y_true), checkpoint.classes, CLASS_CURVES_PNG)
+    save_class_curves(class_curves(probs, y_true), checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
     suspects = label_suspects(checkpoint, params)
     write_csv_atomic(TOP_LOSSES_CSV, suspects)

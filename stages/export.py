@@ -7,12 +7,13 @@ Writes models/export/ with
 - model.json:  what a caller needs: class names in output order, input size, resize size,
                normalisation mean and std, interpolation, and the input and output names.
 No TorchScript: torch has deprecated it, ONNX runs in every serving runtime, and a PyTorch user
-has models/model.pt (docs/model.md).
+has models/model.safetensors (docs/model.md).
 
 When the model's backbone is still exactly the pretrained one (strategy frozen, or a finetune run
 whose best epoch was a head epoch), the backbone part is the one the export_backbone stage made
-once for these weights: an experiment that changes only the head exports in 2-3 s, without
-building or tracing the network. Any other backbone is exported here (lib/export.py).
+once for these weights, and the head part is written from the checkpoint's arrays: an experiment
+that changes only the head exports in well under a second, without torch. Any other backbone is
+exported here, by torch (lib/export.py).
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ def main() -> None:
     with atomic_dir(EXPORT_DIR) as tmp, tempfile.TemporaryDirectory() as scratch:
         if reusable_backbone_export(BACKBONE_EXPORT_DIR, checkpoint):
             log.info("the backbone is the pretrained one: joining its export (%s) with the head", BACKBONE_EXPORT_DIR)
-            backbone_folder, head = BACKBONE_EXPORT_DIR, checkpoint.head_module()
+            backbone_folder = BACKBONE_EXPORT_DIR
         else:
-            model = checkpoint.classifier()
-            backbone_folder, head = Path(scratch), model.head
-            export_backbone(model.backbone, checkpoint.preprocessing.input_size, backbone_folder)
-        join_with_head(backbone_folder, head, checkpoint.temperature, tmp)
+            backbone_folder = Path(scratch)
+            export_backbone(checkpoint.classifier().backbone, checkpoint.preprocessing.input_size, backbone_folder)
+        join_with_head(backbone_folder, checkpoint.head_layers(), checkpoint.temperature, tmp)
         write_json_atomic(tmp / MODEL_JSON, sidecar(checkpoint))
     log.info("%s (epoch %d) exported to %s: model.onnx, model.json",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR)

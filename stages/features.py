@@ -5,7 +5,8 @@ loop recomputes the same thing 25 times. Here each image is decoded once and pas
 backbone in a few views: training images plain, mirrored and in `features.views` random
 augmentations; val and test images plain, and mirrored too when `model.tta` is hflip. The head
 then trains on these cached features in a fraction of a second per epoch, and the evaluate stage
-scores a frozen model on them without running the backbone again (lib/features.py).
+scores a frozen model on them without running the backbone again (lib/features.py, the cache;
+lib/extraction.py, the backbone's run over the images).
 
 The output depends only on the data, the backbone and the augmentation, so experiments that
 change the head, optimizer or strategy reuse it.
@@ -17,11 +18,12 @@ import torch
 
 from stages.lib.backbones import load_pretrained_backbone
 from stages.lib.cli import run_stage
-from stages.lib.data import read_split
-from stages.lib.features import augmentation_preview, extract_split, inference_graph
-from stages.lib.files import file_sha256, save_torch_atomic
+from stages.lib.extraction import augmentation_preview, extract_split, inference_graph
+from stages.lib.features import save_features
+from stages.lib.files import file_sha256
+from stages.lib.index_table import read_split
 from stages.lib.params import load_params
-from stages.lib.paths import AUGMENTATIONS_PNG, PRETRAINED, features_file
+from stages.lib.paths import AUGMENTATIONS_PNG, PRETRAINED
 from stages.lib.plots import save_view_grid
 from stages.lib.runtime import pick_device
 
@@ -37,7 +39,7 @@ def main() -> None:
               "preprocessing": prep.to_dict()}
     for split in ("train", "val", "test"):
         torch.manual_seed(params.features.seed)
-        save_torch_atomic(features_file(split), {**source, **extract_split(split, backbone, prep, params, device)})
+        save_features(split, {**source, **extract_split(split, backbone, prep, params, device)})
     save_view_grid(*augmentation_preview(read_split("train"), prep, params), AUGMENTATIONS_PNG,
                    "what the network sees in training: the plain view, then random augmentations (augment params)")
 

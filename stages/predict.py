@@ -1,6 +1,6 @@
 """Classify new images with a trained model: the command, not a pipeline stage.
 
-    python -m stages.predict PATH... [--out predictions.csv|-] [--top-k K] [--model models/model.pt]
+    python -m stages.predict PATH... [--out predictions.csv|-] [--top-k K] [--model models/model.safetensors]
     dvc-transfer-predict PATH...          # the same, installed as a console script
 
 PATHs are image files or folders (searched recursively for .jpg .jpeg .png .gif .bmp .webp).
@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from stages.lib.calibration import calibrate
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
 from stages.lib.data import PathDataset, collate_readable, decode_size, eval_transform
 from stages.lib.files import write_output
 from stages.lib.images import IMAGE_EXTENSIONS, find_images
-from stages.lib.inference import calibrate, classify
+from stages.lib.inference import classify
 from stages.lib.metrics import UNKNOWN, file_predictions_table
+from stages.lib.paths import MODEL
 from stages.lib.runtime import pick_device
 
 log = logging.getLogger("predict")
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"),
                         help="CSV to write, - for standard output (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="checkpoint (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=MODEL, help="checkpoint (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     parser.add_argument("--tta", choices=["none", "hflip"], default=None,

@@ -196,7 +196,7 @@ def tiny_project(tmp_path, monkeypatch, tiny_backbone_file, prepared_projects):
 
 
 def train_with_library(root: Path) -> Path:
-    """models/model.pt for the params in `root`, trained as the train stage trains it
+    """models/model.safetensors for the params in `root`, trained as the train stage trains it
     (lib/training.train_and_calibrate), without its DVCLive records: what evaluate, export and
     predict tests start from."""
     import os
@@ -212,7 +212,7 @@ def train_with_library(root: Path) -> Path:
         train_and_calibrate(load_params(), torch.device("cpu"))
     finally:
         os.chdir(here)
-    return root / "models/model.pt"
+    return root / "models/model.safetensors"
 
 
 @pytest.fixture(scope="session")

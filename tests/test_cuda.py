@@ -31,7 +31,7 @@ def test_train_evaluate_and_export_on_the_gpu(tiny_project, caplog):
     caplog.set_level("INFO")
     train.main()
     assert "device cuda" in caplog.text
-    checkpoint = read_checkpoint(root / "models/model.pt")
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
     assert all(torch.isfinite(t).all() for t in checkpoint.state_dict.values() if t.is_floating_point())
     evaluate.main()  # a fine-tuned backbone: the test images run through the whole network on the GPU
     assert json.loads((root / "metrics/eval/summary.json").read_text())["images"] > 0

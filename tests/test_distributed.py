@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from stages.lib.files import read_tensors
 from tests.conftest import PROJECT_ROOT
 
 
@@ -28,7 +29,8 @@ def train_in(root, env, processes: int, batch_size: int) -> tuple[dict, dict]:
                      (root / f"metrics/train/plots/metrics/{name}.tsv").read_text().splitlines()[1:]]
               for name in ("train/loss", "train/acc", "val/loss", "val/acc")}
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
-    return {"summary": summary, "curves": curves}, torch.load(root / "models/model.pt", weights_only=True)
+    tensors, _ = read_tensors(root / "models/model.safetensors")
+    return {"summary": summary, "curves": curves}, {"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}}
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from stages import evaluate
 from stages.lib.checkpoint import read_checkpoint
@@ -17,15 +16,15 @@ from tests.conftest import train_with_library
 
 
 def test_scores_from_known_predictions():
-    probs = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
-    labels = torch.tensor([0, 1, 1, 2])
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    labels = np.array([0, 1, 1, 2])
     scores, per_class = score_test_predictions(probs, labels, ["a", "b", "c"])
     per_class = per_class.set_index("class")[["precision", "recall", "f1", "support"]].to_dict("index")
     assert scores["accuracy"] == pytest.approx(0.75)
     assert per_class["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
     assert per_class["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
-    expected_loss = -(torch.log(torch.tensor([0.9, 0.7, 0.3, 0.8]))).mean().item()
+    expected_loss = -np.log([0.9, 0.7, 0.3, 0.8]).mean()
     assert scores["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
@@ -39,16 +38,16 @@ def test_scores_agree_with_scikit_learn():
         roc_auc_score,
     )
 
-    generator = torch.Generator().manual_seed(0)
+    generator = np.random.default_rng(0)
     # Five classes; class 3 is never predicted and class 4 never true, so zero divisions happen.
-    labels = torch.randint(0, 4, (200,), generator=generator)
-    probs = torch.rand(200, 5, generator=generator)
+    labels = generator.integers(0, 4, 200)
+    probs = generator.random((200, 5))
     probs[:, 3] = 0
-    probs = probs / probs.sum(1, keepdim=True)
+    probs = probs / probs.sum(1, keepdims=True)
     classes = ["a", "b", "c", "d", "e"]
     scores, table = score_test_predictions(probs, labels, classes)
     per_class = table.set_index("class").to_dict("index")
-    y_true, y_pred, ids = labels.numpy(), probs.argmax(1).numpy(), list(range(5))
+    y_true, y_pred, ids = labels, probs.argmax(1), list(range(5))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     assert scores["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
@@ -59,9 +58,9 @@ def test_scores_agree_with_scikit_learn():
             "support": support[i]}
         if i < 4:  # one class against the rest, where the test split has both
             positive = (y_true == i).astype(int)
-            assert per_class[name]["roc_auc"] == pytest.approx(roc_auc_score(positive, probs[:, i].numpy()))
+            assert per_class[name]["roc_auc"] == pytest.approx(roc_auc_score(positive, probs[:, i]))
             assert per_class[name]["average_precision"] == pytest.approx(
-                average_precision_score(positive, probs[:, i].numpy()))
+                average_precision_score(positive, probs[:, i]))
     assert per_class["d"]["precision"] == 0 and per_class["e"]["support"] == 0
     assert per_class["e"]["roc_auc"] is None or pd.isna(per_class["e"]["roc_auc"])
 
@@ -115,7 +114,7 @@ def test_a_frozen_model_is_scored_on_cached_features_as_on_images(tiny_project, 
         evaluate.main()
     assert "scoring the head on the cached test features" in caplog.text
     from_features = pd.read_csv(root / "metrics/predictions.csv")
-    (root / "data/features/test.pt").unlink()
+    (root / "data/features/test.safetensors").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):
         evaluate.main()
@@ -130,7 +129,7 @@ def test_cached_features_only_serve_the_backbone_they_came_from(trained_copy):
 
     from stages.lib.features import usable_features
 
-    checkpoint = read_checkpoint(trained_copy / "models/model.pt")
+    checkpoint = read_checkpoint(trained_copy / "models/model.safetensors")
     paths = pd.read_csv(trained_copy / "data/index.csv").query("split == 'test'").path.tolist()
     assert checkpoint.pretrained_backbone_sha256 is not None
     assert usable_features(checkpoint, "test", paths) is not None
@@ -146,7 +145,7 @@ def test_evaluate_without_a_model_says_what_to_do(tiny_project):
     tiny_project(run_features=False)
     from stages.lib.cli import UserError
 
-    with pytest.raises(UserError, match=r"models/model.pt: not found; run the train stage first"):
+    with pytest.raises(UserError, match=r"models/model.safetensors: not found; run the train stage first"):
         evaluate.main()
 
 

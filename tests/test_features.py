@@ -9,13 +9,14 @@ import torch
 from stages import features
 from stages.lib.backbones import load_pretrained_backbone
 from stages.lib.data import decode_size, eval_transform
-from stages.lib.files import file_sha256
+from stages.lib.files import file_sha256, read_tensors
 from stages.lib.images import load_image
 from stages.lib.paths import PRETRAINED, RAW_DIR
 
 
 def load_split(root, split):
-    return torch.load(root / f"data/features/{split}.pt", weights_only=True)
+    tensors, meta = read_tensors(root / f"data/features/{split}.safetensors")
+    return {**meta, **{name: torch.from_numpy(value) for name, value in tensors.items()}}
 
 
 @pytest.mark.parametrize("tta, held_out_views", [("hflip", ["plain", "hflip"]), ("none", ["plain"])])
@@ -50,7 +51,8 @@ def test_features_hold_every_view_and_match_the_backbone(tiny_project, tta, held
 @pytest.mark.parametrize("workers", [0, 2])
 def test_features_are_reproducible(tiny_project, workers):
     root = tiny_project(features={"workers": workers})
-    files = [f"data/features/{split}.pt" for split in ("train", "val", "test")] + ["metrics/features/augmentations.png"]
+    files = [f"data/features/{split}.safetensors" for split in ("train", "val", "test")]
+    files.append("metrics/features/augmentations.png")
     first = {name: (root / name).read_bytes() for name in files}
     features.main()
     assert {name: (root / name).read_bytes() for name in files} == first

@@ -6,9 +6,9 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from stages.lib import leaks as leaks_lib
@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def split(vectors: list[list[float]], prefix: str) -> dict:
-    return {"views": ["plain"], "features": torch.tensor(vectors)[:, None, :],
+    return {"views": ["plain"], "features": np.array(vectors, dtype=np.float32)[:, None, :],
             "paths": [f"{prefix}_{i}.jpg" for i in range(len(vectors))]}
 
 

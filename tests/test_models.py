@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -16,9 +17,11 @@ from stages.lib.backbones import (
     pretrained_backbone_state,
     resolve_backbone,
 )
-from stages.lib.classifier import build_classifier
+from stages.lib.classifier import build_classifier, make_head
 from stages.lib.cli import UserError
 from stages.lib.data import eval_transform
+from stages.lib.files import save_tensors_atomic
+from stages.lib.head import feature_probabilities, head_layers
 from tests.conftest import TINY_BACKBONE, write_random_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,16 +86,38 @@ def test_classifier_replaces_the_head(name, width):
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_the_head_scores_cached_features_as_its_pytorch_module_does(kind):
+    # lib/head.py (numpy, no torch) is what scores cached features everywhere: it must be the module.
+    torch.manual_seed(0)
+    head = make_head(32, 3, kind=kind, hidden=16, dropout=0.3).eval()
+    features = torch.randn(10, 2, 32) * 3  # images x views (plain, mirrored)
+    split = {"views": ["plain", "hflip"], "features": features.numpy()}
+    with torch.inference_mode():
+        plain, mirrored = head(features[:, 0]).softmax(1).numpy(), head(features[:, 1]).softmax(1).numpy()
+    classifier_state = {f"head.{k}": v for k, v in head.state_dict().items()} | {"backbone.x": torch.zeros(1)}
+    for layers in (head_layers(head.state_dict()), head_layers(classifier_state, prefix="head.")):
+        assert len(layers) == (1 if kind == "linear" else 2)
+        np.testing.assert_allclose(feature_probabilities(layers, split, "none"), plain, atol=1e-6)
+        np.testing.assert_allclose(feature_probabilities(layers, split, "hflip"), (plain + mirrored) / 2, atol=1e-6)
+    with pytest.raises(UserError, match="lack the mirrored view"):
+        feature_probabilities(layers, {"views": ["plain"], "features": features[:, :1].numpy()}, "hflip")
+
+
 def test_weights_from_a_local_state_dict_and_from_our_checkpoint(tmp_path):
     path = write_random_backbone(tmp_path / "backbone.pt", seed=3)
     state = pretrained_backbone_state(TINY_BACKBONE, str(path))
     original = torch.load(path, weights_only=True)
     assert "classifier.weight" not in state and all(torch.equal(state[k], original[k]) for k in state)
-    ours = tmp_path / "model.pt"
     head = {"head.1.weight": torch.zeros(2, 256)}
+    ours = tmp_path / "model.pt"  # a PyTorch file with a state dict inside
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()} | head}, ours)
     loaded = pretrained_backbone_state(TINY_BACKBONE, str(ours))
     assert all(torch.equal(a, b) for a, b in zip(loaded.values(), state.values()))
+    ours = tmp_path / "model.safetensors"  # as the train stage writes models/model.safetensors
+    save_tensors_atomic(ours, {f"backbone.{k}": v for k, v in state.items()} | head, {"classes": ["a", "b"]})
+    loaded = pretrained_backbone_state(TINY_BACKBONE, str(ours))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

@@ -210,7 +210,7 @@ def test_bad_params_stop_the_run_before_any_output_is_removed(project_copy):
     good_text = (work / "params.yaml").read_text()
     good = yaml.safe_load(good_text)
     before = tracked_files(work)
-    assert "models/model.pt" in before and "metrics/train/metrics.json" in before
+    assert "models/model.safetensors" in before and "metrics/train/metrics.json" in before
     for case, message in BAD_PARAMS.items():
         (work / "params.yaml").write_text(yaml.safe_dump(corrupt(good, case), sort_keys=False))
         result = run(["dvc", "repro"], work, env, ok=False)
@@ -291,8 +291,8 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     clone = work.parent / "clone"
     run(["git", "clone", "-q", str(work), str(clone)], work.parent, env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.pt", "data/features/test.pt",
-                 "data/params.ok"):
+    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.safetensors",
+                 "data/features/test.safetensors", "data/params.ok"):
         assert (clone / path).exists(), path
     assert stages_run(output(["dvc", "repro"], clone, env)) == ["check"]
     # The model registry: a version tag, and the model fetched by name from another place.
@@ -300,8 +300,9 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
         work, env)  # what `gto register image-classifier` makes
     fetched = work.parent / "fetched"
     fetched.mkdir()
-    run(["dvc", "artifacts", "get", str(work), "image-classifier", "--rev", "v1.0.0", "-o", "model.pt"], fetched, env)
-    assert (fetched / "model.pt").read_bytes() == (work / "models/model.pt").read_bytes()
+    run(["dvc", "artifacts", "get", str(work), "image-classifier", "--rev", "v1.0.0", "-o", "model.safetensors"],
+        fetched, env)
+    assert (fetched / "model.safetensors").read_bytes() == (work / "models/model.safetensors").read_bytes()
     run(["git", "tag", "-a", "image-classifier-export@v1.0.0", "-m", "export v1.0.0"], work, env)
     run(["dvc", "artifacts", "get", str(work), "image-classifier-export", "-o", "export"], fetched, env)  # the latest
     assert sorted(p.name for p in (fetched / "export").iterdir()) == ["model.json", "model.onnx"]

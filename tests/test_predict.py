@@ -14,6 +14,7 @@ import torch
 
 from stages import evaluate, predict
 from stages.lib.cli import UserError
+from stages.lib.files import read_tensors
 from tests.conftest import PROJECT_ROOT
 
 
@@ -82,9 +83,9 @@ def one_line_error(root, *args) -> str:
 def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
     root = trained_copy
     image = str(next((root / "data/raw").rglob("*.png")))
-    truncated = root / "models/truncated.pt"
-    whole = (root / "models/model.pt").read_bytes()
-    truncated.write_bytes(whole[:len(whole) // 2])  # torch's reason is then 337 characters
+    truncated = root / "models/truncated.safetensors"
+    whole = (root / "models/model.safetensors").read_bytes()
+    truncated.write_bytes(whole[:len(whole) // 2])
     photo = root / "photo.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
 
@@ -96,14 +97,14 @@ def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
 
     assert refusal(str(truncated)).startswith(f"{truncated}: not a readable model checkpoint (")
     assert refusal("models/pretrained.pt") == (
-        "models/pretrained.pt: not a model checkpoint (the weights stage's pretrained weights); "
-        "give the models/model.pt the train stage writes")
+        "models/pretrained.pt: a PyTorch file, not a model checkpoint; "
+        "give the models/model.safetensors the train stage writes, or retrain it (dvc repro)")
     assert refusal(str(photo)).startswith(f"{photo}: not a readable model checkpoint")
     # The cause shortened at a word's end, never inside one
     cause = refusal(str(truncated)).split(" (", 1)[1].rsplit("); give the", 1)[0]
     try:
-        torch.load(truncated, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - whatever torch says, the line must not cut a word of it
+        read_tensors(truncated)
+    except Exception as error:  # noqa: BLE001 - whatever safetensors says, the line must not cut a word of it
         said = str(error).splitlines()[0]
     kept = cause.removesuffix(" ...")
     assert len(cause) <= 120 and said.startswith(kept) and said[len(kept):len(kept) + 1] in ("", " "), (cause, said)
@@ -111,7 +112,7 @@ def test_a_bad_model_file_is_one_line_naming_it(trained_copy):
     scripted = root / "models/scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
     assert one_line_error(root, image, "--model", str(scripted)).startswith(
-        f"error: {scripted}: not a")
+        f"error: {scripted}: a PyTorch file, not a model checkpoint;")
     assert refusal("models/nothing.pt") == "models/nothing.pt: not found; run the train stage first (dvc repro)"
     # As a command: that one line on stderr, no traceback.
     assert one_line_error(root, image, "--model", str(truncated)).startswith(

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ from tests.conftest import PROJECT_ROOT
 
 
 def load_model_checkpoint(root):
-    return torch.load(root / "models/model.pt", map_location="cpu", weights_only=True)
+    """The checkpoint's fields as a dict, its tensors as torch's."""
+    data = read_checkpoint(root / "models/model.safetensors").to_dict()
+    return {**data, "state_dict": {name: torch.from_numpy(value) for name, value in data["state_dict"].items()}}
 
 
 def backbone_state(root, source="models/pretrained.pt"):
@@ -40,7 +43,7 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert checkpoint["preprocessing"]["input_size"] == 160 and checkpoint["metrics"]["phase"] == "head"
     assert 1 <= checkpoint["epoch"] <= 3
     assert checkpoint["pretrained_backbone_sha256"] == file_sha256(root / "models/pretrained.pt")
-    assert checkpoint["version"] == 3 and checkpoint["tta"] == "none"
+    assert checkpoint["version"] == 4 and checkpoint["tta"] == "none"
     # Six val images: too few to fit a temperature on, so it stays 1, and the metrics say so.
     assert checkpoint["temperature"] == 1.0
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
@@ -59,7 +62,7 @@ def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs,
     warm_head = strategy == "finetune" and head_epochs > 0
     assert len(steps) == 1 + epochs + (head_epochs if warm_head else 0)
     checkpoint = load_model_checkpoint(root)
-    model = read_checkpoint(root / "models/model.pt").classifier()
+    model = read_checkpoint(root / "models/model.safetensors").classifier()
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
     timing = json.loads((root / "metrics/train/time.json").read_text())
     assert timing["compute"] > 0 and timing["data"] >= 0 and timing["validate"] > 0
@@ -104,14 +107,14 @@ def test_training_is_deterministic_on_cpu(tiny_project):
 def test_mlp_head(tiny_project):
     root = tiny_project(strategy="frozen", model={"head": "mlp", "hidden": 8})
     train.main()
-    checkpoint = read_checkpoint(root / "models/model.pt")
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
     assert checkpoint.head == {"kind": "mlp", "hidden": 8, "dropout": 0.2}
     assert checkpoint.classifier().head[1].out_features == 8
 
 
 def test_early_stopping_after_patience_epochs_without_progress(project):
-    from stages.lib.backbones import Preprocessing
     from stages.lib.params import load_params
+    from stages.lib.preprocessing import Preprocessing
     from stages.lib.records import Epoch, EpochResult, Records
     from stages.lib.training import ModelParts, record_phase
 
@@ -155,7 +158,7 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (root / "models/model.pt").exists():
+    while not (root / "models/model.safetensors").exists():
         assert process.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
@@ -165,7 +168,7 @@ def test_sigterm_keeps_the_last_good_checkpoint(tiny_project):
     # message logged) and CPython then ending the process by re-raising SIGINT, as it does when it
     # counts a KeyboardInterrupt as unhandled.
     assert process.returncode in (130, -signal.SIGINT), stderr
-    assert "interrupted: models/model.pt keeps the best epoch so far" in stderr
+    assert "interrupted: models/model.safetensors keeps the best epoch so far" in stderr
     checkpoint = load_model_checkpoint(root)
     assert checkpoint["epoch"] >= 1
     temporary = [p for p in (root / "models").iterdir() if p.name.startswith(".") and p.name != ".train.lock"]
@@ -277,7 +280,7 @@ def test_class_weighting_trains_both_phases_deterministically(tiny_project, weig
         first = (root / "metrics/train/metrics.json").read_text()
         train.main()
         assert (root / "metrics/train/metrics.json").read_text() == first
-    checkpoint = read_checkpoint(root / "models/model.pt")
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
     assert checkpoint.params["train"]["class_weighting"] == weighting
 
 
@@ -316,7 +319,7 @@ def test_partial_finetuning_leaves_the_early_layers_as_pretrained(tiny_project):
     root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "trainable_fraction": 0.5,
                                                     "freeze_bn": False})
     train.main()
-    checkpoint = read_checkpoint(root / "models/model.pt")
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
     assert checkpoint.metrics["phase"] == "network"
     backbone = checkpoint.classifier().backbone
     trainable, total = freeze_early_weights(backbone, 0.5)
@@ -332,8 +335,8 @@ def test_partial_finetuning_leaves_the_early_layers_as_pretrained(tiny_project):
 
 
 def test_the_network_trains_on_crops_of_train_image_size_and_validates_at_the_backbone_size(tiny_project):
-    from stages.lib.backbones import Preprocessing
     from stages.lib.params import load_params
+    from stages.lib.preprocessing import Preprocessing
     from stages.lib.training import make_run, network_loaders
 
     tiny_project(strategy="finetune", train={"image_size": 96, "workers": 0})
@@ -362,7 +365,7 @@ def test_auto_keeps_the_head_unless_the_network_pays_on_val(tiny_project, monkey
     monkeypatch.setattr(training, "pays_on_val", lambda head, right: network_pays)
     train.main()
     steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
-    checkpoint = read_checkpoint(root / "models/model.pt")
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
     def column(name):
         rows = (root / f"metrics/train/plots/metrics/val/{name}.tsv").read_text().strip().splitlines()[1:]
         return [float(row.split("\t")[-1]) for row in rows]
@@ -411,9 +414,9 @@ def test_the_time_budget_starts_no_network_epoch_that_would_end_after_it(tiny_pr
 def test_augmentation_policies_and_random_erasing_change_training_images_reproducibly(policy):
     from PIL import Image
 
-    from stages.lib.backbones import Preprocessing
     from stages.lib.data import train_transform
     from stages.lib.params import AugmentParams
+    from stages.lib.preprocessing import Preprocessing
 
     prep = Preprocessing(64, 72, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
     image = Image.open(PROJECT_ROOT / "tests/fixtures/ant_0.jpg").convert("RGB")
@@ -507,23 +510,23 @@ def test_a_second_training_is_refused_while_the_first_runs(tiny_project):
 def test_a_temperature_is_fitted_only_on_enough_val_images(tiny_project, monkeypatch, caplog):
     from stages.lib import training
     from stages.lib.calibration import negative_log_likelihood, softmax
-    from stages.lib.data import read_split
     from stages.lib.features import split_probabilities
+    from stages.lib.index_table import read_split
 
     root = tiny_project(strategy="frozen")
     val_images = len(read_split("val"))
     caplog.set_level("INFO")
     train.main()
-    assert read_checkpoint(root / "models/model.pt").temperature == 1.0
+    assert read_checkpoint(root / "models/model.safetensors").temperature == 1.0
     assert (f"temperature kept at 1: the val split has {val_images} images, fewer than the "
             f"{training.MIN_VAL_IMAGES_FOR_TEMPERATURE} a fitted temperature needs") in caplog.text
     # With the floor at the tiny project's size, the temperature is fitted: the val NLL is no worse.
     monkeypatch.setattr(training, "MIN_VAL_IMAGES_FOR_TEMPERATURE", val_images)
     train.main()
-    model = read_checkpoint(root / "models/model.pt")
+    model = read_checkpoint(root / "models/model.safetensors")
     probs, labels = split_probabilities(model, "val", read_split("val"), 8, 0)
-    log_probs = probs.clamp_min(1e-12).log().numpy()
+    log_probs = np.log(np.maximum(probs, 1e-12))
     assert 0.05 <= model.temperature <= 20 and model.temperature != 1.0
-    assert negative_log_likelihood(softmax(log_probs / model.temperature), labels.numpy()) <= \
-        negative_log_likelihood(probs.numpy(), labels.numpy())
+    assert negative_log_likelihood(softmax(log_probs / model.temperature), labels) <= \
+        negative_log_likelihood(probs, labels)
     assert json.loads((root / "metrics/train/metrics.json").read_text())["temperature_fitted"] is True

@@ -20,7 +20,7 @@ import hashlib
 import importlib
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from stages.lib.cli import UserError
 from stages.lib.files import save_torch_atomic
+from stages.lib.preprocessing import Preprocessing
 
 log = logging.getLogger("models")
 
@@ -40,24 +41,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Backbone:
     source: str  # "lite", "torchvision" or "timm"
     name: str  # the architecture's name within its source
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What an image must look like on the way in: the backbone's own configuration."""
-
-    input_size: int
-    resize_size: int  # evaluation: resize the short side to this, then center-crop input_size
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" or "bicubic"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
-        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
 
 def resolve_backbone(name: str) -> Backbone:
@@ -168,14 +151,15 @@ def torchvision_weights(arch: str, weights: str):
 
 
 def is_checkpoint_path(weights: str) -> bool:
-    return Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt") or Path(weights).exists()
+    return Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or Path(weights).exists()
 
 
 def pretrained_backbone_state(backbone_name: str, weights: str) -> dict[str, torch.Tensor] | None:
     """The backbone's starting weights (no classifier), or None for random initialisation.
 
     `weights` is `pretrained` (the backbone's ImageNet weights), `none`, a named torchvision
-    weight (IMAGENET1K_V2), or the path of a state dict or of one of our checkpoints.
+    weight (IMAGENET1K_V2), or the path of a state dict (PyTorch or safetensors) or of one of our
+    checkpoints (models/model.safetensors).
     """
     import timm
     if weights == "none":
@@ -186,8 +170,13 @@ def pretrained_backbone_state(backbone_name: str, weights: str) -> dict[str, tor
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"params.yaml: model.weights: {path} does not exist; give an existing checkpoint path")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded)
+        if path.suffix == ".safetensors":  # our models/model.safetensors, or a timm or Hugging Face file
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = loaded.get("state_dict", loaded)
         # One of our checkpoints: its backbone's tensors sit under "backbone.".
         if any(k.startswith("backbone.") for k in state):
             state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}

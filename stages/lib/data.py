@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -12,29 +11,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stages.lib.backbones import Preprocessing
-from stages.lib.cli import UserError, die_with_parent
+from stages.lib.cli import die_with_parent
 from stages.lib.images import load_image
 from stages.lib.params import AugmentParams
-from stages.lib.paths import CLASSES_JSON, INDEX_CSV, RAW_DIR
-
-
-def read_classes() -> list[str]:
-    if not CLASSES_JSON.is_file():
-        raise UserError(f"{CLASSES_JSON}: not found; run the index stage first (dvc repro)")
-    return json.loads(CLASSES_JSON.read_text(encoding="utf-8"))
-
-
-def read_split(split: str) -> pd.DataFrame:
-    """The index rows of one split, in the index's (seeded, shuffled) order."""
-    if not INDEX_CSV.is_file():
-        raise UserError(f"{INDEX_CSV}: not found; run the index stage first (dvc repro)")
-    table = pd.read_csv(INDEX_CSV, keep_default_na=False)
-    rows = table[table["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise UserError(f"{INDEX_CSV}: the {split} split is empty; check the index stage's output")
-    return rows
-
+from stages.lib.paths import RAW_DIR
+from stages.lib.preprocessing import Preprocessing
 
 # torchvision is imported where it is used: it takes seconds to import, and the stages that work
 # on cached features never transform an image.

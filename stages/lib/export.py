@@ -3,23 +3,24 @@
 Each exported file is a backbone part (images -> features) joined with a head part (features ->
 probabilities, softmax included). The backbone part of the pretrained weights is exported once
 (the export_backbone stage) and reused for every model whose backbone is still exactly those
-weights; any other backbone is exported on the spot.
+weights; any other backbone is exported on the spot, by torch. The head part is written here
+from the head's arrays (`head_graph`), so exporting a model on the pretrained backbone, which is
+every head-only experiment, needs no torch.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.compose
-import torch
-from torch import nn
+from onnx import TensorProto, helper, numpy_helper
 
 from stages.lib.checkpoint import Checkpoint
+from stages.lib.head import Layers
 
 INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "image", "features", "probabilities"
 ONNX_OPSET = 17
@@ -27,61 +28,51 @@ BACKBONE_ONNX, BACKBONE_JSON = "backbone.onnx", "backbone.json"
 MODEL_ONNX, MODEL_JSON = "model.onnx", "model.json"
 
 
-class Temperature(nn.Module):
-    """Class scores divided by the temperature fitted on the val split (lib/calibration.py)."""
+def export_backbone(backbone, input_size: int, folder: Path) -> None:
+    """backbone.onnx in `folder`: a PyTorch backbone's images -> features, batch size dynamic."""
+    import torch
 
-    def __init__(self, temperature: float):
-        super().__init__()
-        self.temperature = float(temperature)
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperature
-
-
-def with_softmax(model: nn.Module, temperature: float) -> nn.Module:
-    """What the exported model computes: the model's class scores turned into calibrated probabilities."""
-    return nn.Sequential(model, Temperature(temperature), nn.Softmax(dim=1)).eval()
-
-
-def probability_model(checkpoint: Checkpoint) -> nn.Module:
-    """The checkpoint's network in PyTorch, computing what the exported files compute."""
-    return with_softmax(checkpoint.classifier(), checkpoint.temperature)
-
-
-@contextmanager
-def quiet_exporters():
+    backbone = backbone.eval().to(memory_format=torch.contiguous_format)
+    example = torch.rand(2, 3, input_size, input_size)
     # torch marks the tracing ONNX exporter deprecated, in favour of torch.export; the files it
     # writes load in every runtime people serve with today.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        yield
+        torch.onnx.export(backbone, (example,), str(folder / BACKBONE_ONNX), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=[FEATURES_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}})
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, target, input_name: str, output_name: str) -> None:
-    torch.onnx.export(module, (example,), target, dynamo=False, opset_version=ONNX_OPSET,
-                      input_names=[input_name], output_names=[output_name],
-                      dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+def head_graph(layers: Layers, temperature: float) -> onnx.ModelProto:
+    """features -> probabilities: the head's Linear layers (a Relu between two), the class scores
+    divided by the temperature, then a softmax; what lib/head.py computes, batch size dynamic."""
+    nodes, weights, current = [], [], FEATURES_NAME
+    for i, (weight, bias) in enumerate(layers):
+        if i:
+            nodes.append(helper.make_node("Relu", [current], [f"head_relu_{i}"]))
+            current = f"head_relu_{i}"
+        weights += [numpy_helper.from_array(weight.astype(np.float32), f"head_weight_{i}"),
+                    numpy_helper.from_array(bias.astype(np.float32), f"head_bias_{i}")]
+        nodes.append(helper.make_node("Gemm", [current, f"head_weight_{i}", f"head_bias_{i}"], [f"head_scores_{i}"],
+                                      transB=1))
+        current = f"head_scores_{i}"
+    weights.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "temperature"))
+    nodes += [helper.make_node("Div", [current, "temperature"], ["head_scaled"]),
+              helper.make_node("Softmax", ["head_scaled"], [OUTPUT_NAME], axis=1)]
+    width, classes = layers[0][0].shape[1], layers[-1][0].shape[0]
+    inputs = [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", width])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])]
+    graph = helper.make_graph(nodes, "head", inputs, outputs, weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
 
 
-def export_backbone(backbone: nn.Module, input_size: int, folder: Path) -> None:
-    """backbone.onnx in `folder`: images -> features, batch size dynamic."""
-    backbone = backbone.eval().to(memory_format=torch.contiguous_format)
-    with quiet_exporters():
-        export_onnx(backbone, torch.rand(2, 3, input_size, input_size), str(folder / BACKBONE_ONNX), INPUT_NAME,
-                    FEATURES_NAME)
-
-
-def join_with_head(backbone_folder: Path, head: nn.Module, temperature: float, folder: Path) -> None:
+def join_with_head(backbone_folder: Path, layers: Layers, temperature: float, folder: Path) -> None:
     """model.onnx in `folder`: the backbone's export followed by the head, the temperature and a
     softmax."""
-    head = head.eval()
-    width = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
-    buffer = io.BytesIO()
-    with quiet_exporters():
-        export_onnx(with_softmax(head, temperature), torch.rand(2, width), buffer, FEATURES_NAME, OUTPUT_NAME)
-    joined = onnx.compose.merge_models(onnx.load(str(backbone_folder / BACKBONE_ONNX)),
-                                       onnx.load_from_string(buffer.getvalue()),
-                                       io_map=[(FEATURES_NAME, FEATURES_NAME)])
+    backbone = onnx.load(str(backbone_folder / BACKBONE_ONNX))
+    head = head_graph(layers, temperature)
+    head.ir_version = backbone.ir_version  # merging asks for one IR version; the exporter's is the older
+    joined = onnx.compose.merge_models(backbone, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])
     onnx.save(joined, str(folder / MODEL_ONNX))
 
 

@@ -1,124 +1,45 @@
 """The feature cache: the pretrained backbone's outputs per image and view, one file per split.
 
-The features stage writes data/features/{train,val,test}.pt with `extract_split`; the train stage
-reads train and val (the head trains on them), evaluate reads test for a model whose backbone is
-the pretrained one. Each file records the sha256 of the pretrained weights that made it, so it
-serves only a model built on exactly those.
+The features stage writes data/features/{train,val,test}.safetensors (lib/extraction.py fills
+them); the train stage reads train and val (the head trains on them), evaluate reads test for a
+model whose backbone is the pretrained one, leaks reads all three. Each file records the sha256
+of the pretrained weights that made it, so it serves only a model built on exactly those.
+Reading the cache and scoring a head on it take numpy alone: no torch.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+import numpy as np
 
-from stages.lib.backbones import Preprocessing
 from stages.lib.cli import UserError
-from stages.lib.data import ImageDataset, decode_size, eval_transform, make_loader, read_split, train_transform
-from stages.lib.images import load_image
-from stages.lib.inference import feature_probabilities, loader_probabilities
-from stages.lib.params import Params
-from stages.lib.paths import PRETRAINED, RAW_DIR, features_file
-from stages.lib.runtime import pick_device
+from stages.lib.files import read_tensors, save_tensors_atomic
+from stages.lib.head import feature_probabilities
+from stages.lib.paths import PRETRAINED, features_file
 
 log = logging.getLogger("features")
 
 
-class MultiViewDataset(Dataset):
-    """Each image decoded once, returned as a stack of views: plain, [mirrored], then augmented."""
-
-    def __init__(self, paths: list[str], plain, augmented, mirrored: bool, views: int, min_size: int):
-        self.paths, self.plain, self.augmented = paths, plain, augmented
-        self.mirrored, self.views, self.min_size = mirrored, views, min_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = load_image(RAW_DIR / self.paths[i], self.min_size)
-        plain = self.plain(image)
-        stack = [plain, plain.flip(-1)] if self.mirrored else [plain]
-        return torch.stack(stack + [self.augmented(image) for _ in range(self.views)])
-
-
-def view_names(mirrored: bool, augmented: int) -> list[str]:
-    return ["plain"] + (["hflip"] if mirrored else []) + [f"augmented_{i}" for i in range(augmented)]
-
-
-def split_views(split: str, params: Params) -> tuple[bool, int]:
-    """(mirrored, augmented views) for a split: training images get every view; val and test
-    images one, or two when test-time augmentation averages in the mirror image."""
-    if split == "train":
-        return True, params.features.views
-    return params.model.tta == "hflip", 0
-
-
-def inference_graph(backbone: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
-    """The backbone traced and frozen for inference: freezing folds each BatchNorm into the
-    convolution before it, which makes an EfficientNet-Lite forward pass about 1.4x faster on CPU.
-    Outputs agree with the eager backbone to float rounding (tests/test_features.py checks).
-    torch marks torch.jit deprecated; where it is gone or a backbone does not trace, stay eager."""
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            return torch.jit.freeze(torch.jit.trace(backbone, example, check_trace=False))
-    except Exception as error:  # noqa: BLE001 - any failure here only costs speed
-        log.info("running the backbone eagerly (%s: %s)", type(error).__name__, str(error).splitlines()[0])
-        return backbone
-
-
-@torch.inference_mode()
-def extract(backbone: torch.nn.Module, loader: DataLoader, device: torch.device, desc: str) -> torch.Tensor:
-    """Features of shape [images, views, width]."""
-    out = []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
-        n, v = batch.shape[:2]
-        flat = batch.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
-        out.append(backbone(flat).float().cpu().view(n, v, -1))
-    return torch.cat(out)
-
-
-def extract_split(split: str, backbone, prep: Preprocessing, params: Params, device: torch.device) -> dict:
-    rows = read_split(split)
-    mirrored, augmented = split_views(split, params)
-    dataset = MultiViewDataset(rows["path"].tolist(), eval_transform(prep), train_transform(prep, params.augment),
-                               mirrored, augmented, decode_size(prep, augmented > 0))
-    views = view_names(mirrored, augmented)
-    # batch_size counts backbone inputs: small batches run faster on CPU (they stay in cache).
-    images_per_batch = max(1, params.features.batch_size // len(views))
-    loader = make_loader(dataset, images_per_batch, None, params.features.workers, device.type == "cuda",
-                         params.features.seed, persistent=False)
-    features = extract(backbone, loader, device, f"features {split}")
-    log.info("%s: %d images x %d views -> %s", split, len(rows), len(views), tuple(features.shape))
-    return {"views": views, "features": features, "labels": torch.tensor(rows["label"].tolist()),
-            "paths": rows["path"].tolist()}
-
-
-def augmentation_preview(rows, prep: Preprocessing, params: Params, images: int = 4, views: int = 5):
-    """For the first training images: the plain view, then random training augmentations, as
-    HxWx3 arrays in 0..1, with a title per image. Drawn from its own seeded generator, so the
-    features (computed before) and this picture are reproducible."""
-    plain, augmented = eval_transform(prep), train_transform(prep, params.augment)
-    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
-    grid, titles = [], []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.features.seed)
-        for path, name in zip(rows["path"][:images], rows["class"][:images]):
-            image = load_image(RAW_DIR / path, decode_size(prep, True))
-            tensors = [plain(image)] + [augmented(image) for _ in range(views)]
-            grid.append([(t * std + mean).permute(1, 2, 0).numpy() for t in tensors])
-            titles.append(f"{name}: {path}")
-    return grid, titles
+def save_features(split: str, cache: dict) -> None:
+    """`cache`: features [images, views, width] and labels [images] (arrays or tensors), and the
+    views, paths, pretrained_sha256 and what else describes them."""
+    tensors = {name: cache[name] for name in ("features", "labels")}
+    save_tensors_atomic(features_file(split), tensors, {k: v for k, v in cache.items() if k not in tensors})
 
 
 def read_features(split: str) -> dict:
+    """A split's cache: features [images, views, width] (float32) and labels as numpy arrays, and
+    its views, paths and pretrained_sha256."""
     path = features_file(split)
     if not path.is_file():
         raise UserError(f"{path}: not found; run the features stage first (dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        tensors, meta = read_tensors(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file means the same here
+        raise UserError(f"{path}: not a feature cache this code reads ({str(error).splitlines()[0]}); "
+                        "run dvc repro to rebuild it") from None
+    return {**meta, **tensors}
 
 
 def read_head_features(pretrained_sha256: str) -> tuple[dict, dict]:
@@ -136,25 +57,22 @@ def usable_features(checkpoint, split: str, paths: list[str]) -> dict | None:
     path = features_file(split)
     if checkpoint.pretrained_backbone_sha256 is None or not path.is_file():
         return None
-    cached = torch.load(path, map_location="cpu", weights_only=True)
+    cached = read_features(split)
     has_views = "plain" in cached["views"] and (checkpoint.tta != "hflip" or "hflip" in cached["views"])
     if checkpoint.uses_pretrained_backbone(cached["pretrained_sha256"]) and cached["paths"] == paths and has_views:
         return cached
     return None
 
 
-def split_probabilities(checkpoint, split: str, rows, batch_size: int,
-                        workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_probabilities(checkpoint, split: str, rows, batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated class probabilities and labels of a split's rows: the head on the cached
     features when they serve this model (its backbone is the pretrained one), else the whole
     model on the images."""
     cached = usable_features(checkpoint, split, rows["path"].tolist())
     if cached is not None:
         log.info("the backbone is the pretrained one: scoring the head on the cached %s features", split)
-        return feature_probabilities(checkpoint.head_module(), cached, checkpoint.tta), cached["labels"]
-    device = pick_device()
-    model = checkpoint.classifier().to(device, memory_format=torch.channels_last)
-    prep = checkpoint.preprocessing
-    loader = make_loader(ImageDataset(rows, eval_transform(prep), decode_size(prep)), batch_size, None, workers,
-                         device.type == "cuda", persistent=False)
-    return loader_probabilities(model, loader, device, checkpoint.tta, desc=f"scoring {split}")
+        return feature_probabilities(checkpoint.head_layers(), cached, checkpoint.tta), cached["labels"]
+    # torch is imported only here: a model scored on the cached features runs without it.
+    from stages.lib.inference import image_probabilities
+
+    return image_probabilities(checkpoint, rows, batch_size, workers, desc=f"scoring {split}")

@@ -35,6 +35,36 @@ def save_torch_atomic(target: Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
+TENSORS_META = "json"  # the one metadata key of a tensors file: everything but the tensors, as JSON
+
+
+def save_tensors_atomic(target: Path, tensors: dict, meta: dict) -> None:
+    """A safetensors file of `tensors` (numpy arrays or CPU torch tensors, float32 or int64) with
+    `meta` as JSON in its header. No pickle: reading one runs no code, and numpy alone reads it,
+    so a stage that only scores a head on cached features runs without torch (2 s of start-up)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    # np.array(order="C"), not np.ascontiguousarray, which makes a 0-d array (a BatchNorm's count) 1-d
+    arrays = {name: np.array(value if isinstance(value, np.ndarray) else value.detach().cpu().numpy(), order="C")
+              for name, value in tensors.items()}
+    data = save(arrays, metadata={TENSORS_META: json.dumps(meta, sort_keys=True)})
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_tensors(path: Path) -> tuple[dict, dict]:
+    """The numpy arrays and the metadata of a file save_tensors_atomic wrote; raises (safetensors'
+    SafetensorError, or ValueError) for a file of another kind."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as file:
+        meta = json.loads((file.metadata() or {}).get(TENSORS_META, "null"))
+        if not isinstance(meta, dict):
+            raise ValueError("a safetensors file without this project's metadata")
+        return {name: file.get_tensor(name) for name in file.keys()}, meta
+
+
 def unwritable(target: Path, error: OSError) -> UserError:
     return UserError(f"{target}: cannot write it in {target.parent}/ ({error.strerror or error}); "
                      "make that folder writable, or run where it is")

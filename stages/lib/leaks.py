@@ -10,27 +10,31 @@ below about 0.76 and copies above about 0.83 (docs/stages.md, leaks).
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
-import torch
 
 SPLIT_PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 BLOCK = 1024  # rows compared at once: memory stays at BLOCK x images, whatever the dataset's size
 
 
-def plain_features(split: dict) -> torch.Tensor:
-    return split["features"][:, split["views"].index("plain")].float()
+def plain_features(split: dict) -> np.ndarray:
+    return split["features"][:, split["views"].index("plain")].astype(np.float32)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def cross_split_pairs(splits: dict[str, dict], threshold: float) -> pd.DataFrame:
     """Every pair of images in two different splits whose centred cosine similarity is at least
     `threshold`, most similar first: similarity, split_a, path_a, split_b, path_b."""
-    mean = torch.cat([plain_features(split) for split in splits.values()]).mean(0)
-    unit = {name: torch.nn.functional.normalize(plain_features(split) - mean, dim=1) for name, split in splits.items()}
+    mean = np.concatenate([plain_features(split) for split in splits.values()]).mean(0)
+    unit = {name: unit_rows(plain_features(split) - mean) for name, split in splits.items()}
     rows = []
     for a, b in SPLIT_PAIRS:
         for start in range(0, len(unit[a]), BLOCK):
             similarity = unit[a][start:start + BLOCK] @ unit[b].T
-            for i, j in (similarity >= threshold).nonzero().tolist():
+            for i, j in zip(*np.nonzero(similarity >= threshold)):
                 rows.append((round(float(similarity[i, j]), 4), a, splits[a]["paths"][start + i], b,
                              splits[b]["paths"][j]))
     table = pd.DataFrame(rows, columns=["similarity", "split_a", "path_a", "split_b", "path_b"])

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-
-from stages.lib.inference import loss_and_accuracy
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
@@ -34,16 +31,25 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> float:
     return float(ratio(2 * right, confusion.sum(1) + confusion.sum(0)).mean())
 
 
-def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+def given_probabilities(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return probs[np.arange(len(labels)), labels]
+
+
+def mean_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true labels: the cross-entropy of the probabilities."""
+    return float(-np.log(np.maximum(given_probabilities(probs, labels), 1e-12)).mean())
+
+
+def val_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
     """Loss, accuracy and macro-F1 of an epoch on the val split: what picks the best epoch."""
-    loss, accuracy = loss_and_accuracy(probs, labels)
-    return loss, accuracy, macro_f1(labels.numpy(), probs.argmax(1).numpy(), probs.shape[1])
+    predicted = probs.argmax(1)
+    return mean_loss(probs, labels), float((predicted == labels).mean()), macro_f1(labels, predicted, probs.shape[1])
 
 
-def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> tuple[dict, pd.DataFrame]:
+def score_predictions(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[dict, pd.DataFrame]:
     """The headline scores (flat, numeric: what `dvc exp show` prints) and the per-class table."""
-    loss, _ = loss_and_accuracy(probs, labels)
-    y_true, y_pred = labels.numpy(), probs.argmax(1).numpy()
+    loss = mean_loss(probs, labels)
+    y_true, y_pred = labels, probs.argmax(1)
     confusion = confusion_counts(y_true, y_pred, len(classes))
     right, support, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
     precision, recall = ratio(right, predicted), ratio(right, support)
@@ -56,7 +62,7 @@ def score_predictions(probs: torch.Tensor, labels: torch.Tensor, classes: list[s
         "loss": loss,
         "images": int(len(y_true)),
     }
-    curves = class_curves(probs.numpy(), y_true)
+    curves = class_curves(probs, y_true)
     per_class = pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1,
                               "support": support.astype(int),
                               "roc_auc": [curves[c]["auc"] if c in curves else None for c in range(len(classes))],
@@ -104,19 +110,18 @@ def class_curves(probs: np.ndarray, y_true: np.ndarray) -> dict[int, dict]:
     return curves
 
 
-def top_losses(rows: pd.DataFrame, probs: torch.Tensor, classes: list[str], count: int) -> pd.DataFrame:
+def top_losses(rows: pd.DataFrame, probs: np.ndarray, classes: list[str], count: int) -> pd.DataFrame:
     """The `count` images with the highest loss (-log of the probability of their given label),
     highest first: where a wrong label, or a hard image, is likeliest (fastai's "top losses")."""
-    labels = torch.tensor(rows["label"].to_numpy())
-    given = probs[torch.arange(len(labels)), labels]
+    given = given_probabilities(probs, rows["label"].to_numpy())
     table = pd.DataFrame({
         "path": rows["path"].to_numpy(),
         "split": rows["split"].to_numpy(),
         "given": rows["class"].to_numpy(),
         "predicted": [classes[i] for i in probs.argmax(1).tolist()],
-        "probability_predicted": probs.max(1).values.numpy().round(6),
-        "probability_given": given.numpy().round(6),
-        "loss": (-given.clamp_min(1e-12).log()).numpy().round(6),
+        "probability_predicted": probs.max(1).round(6),
+        "probability_given": given.round(6),
+        "loss": -np.log(np.maximum(given, 1e-12)).round(6),
     })
     return table.sort_values(["loss", "path"], ascending=[False, True]).head(count).reset_index(drop=True)
 
@@ -132,15 +137,15 @@ def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -
 
 
 def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataFrame:
-    predicted = probs.argmax(1).numpy()
+    predicted = probs.argmax(1)
     table = pd.DataFrame({
         "path": rows["path"],
         "true": rows["class"],
         "predicted": [classes[i] for i in predicted],
-        "probability": probs.max(1).values.numpy().round(6),
+        "probability": probs.max(1).round(6),
     })
     for i, name in enumerate(classes):
-        table[f"prob_{name}"] = probs[:, i].numpy().round(6)
+        table[f"prob_{name}"] = probs[:, i].round(6)
     return table
 
 
@@ -157,9 +162,10 @@ def file_predictions_table(paths: list[Path], probs, errors: list[str], classes:
     for path, p, error in zip(paths, probs, errors):
         row = {"path": str(path), "predicted": "", "probability": None}
         if p is not None:
-            values, indices = p.topk(k)
-            sure = values[0].item() >= min_confidence
-            row.update(predicted=classes[indices[0]] if sure else UNKNOWN, probability=round(values[0].item(), 6))
+            indices = np.argsort(-p, kind="stable")[:k]
+            values = p[indices]
+            sure = float(values[0]) >= min_confidence
+            row.update(predicted=classes[indices[0]] if sure else UNKNOWN, probability=round(float(values[0]), 6))
             for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
                 row[f"top{rank}_class"], row[f"top{rank}_probability"] = classes[index], round(value, 6)
         rows.append({**row, "error": error})

@@ -17,7 +17,7 @@ PRETRAINED = Path("models/pretrained.pt")
 FEATURES_DIR = Path("data/features")
 AUGMENTATIONS_PNG = Path("metrics/features/augmentations.png")  # what the network sees in training
 
-MODEL = Path("models/model.pt")
+MODEL = Path("models/model.safetensors")  # lib/checkpoint.py
 TRAIN_STATE = Path("models/train_state.pt")  # to resume an interrupted train stage from
 TRAIN_LOCK = Path("models/.train.lock")  # held by the one train process writing models/ and metrics/train
 TRAIN_METRICS = Path("metrics/train.json")  # the best epoch's val accuracy
@@ -53,5 +53,5 @@ BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone 
 
 def features_file(split: str) -> Path:
     """One file per split, so that dvc.yaml can show the train stage never reads the test split."""
-    return FEATURES_DIR / f"{split}.pt"
+    return FEATURES_DIR / f"{split}.safetensors"
 

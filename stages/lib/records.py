@@ -1,4 +1,4 @@
-"""A training run's records: every epoch (DVCLive), the best one (models/model.pt, written
+"""A training run's records: every epoch (DVCLive), the best one (models/model.safetensors, written
 atomically each time it improves) and the state an interrupted run resumes from."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from stages.lib.backbones import Preprocessing
 from stages.lib.checkpoint import Checkpoint, checkpoint_from_dict, save_checkpoint
 from stages.lib.classifier import head_config
 from stages.lib.files import file_sha256, save_torch_atomic
 from stages.lib.params import Params
 from stages.lib.paths import MODEL, TRAIN_STATE
+from stages.lib.preprocessing import Preprocessing
 
 log = logging.getLogger("train")
 
@@ -62,7 +62,7 @@ class Epoch:
 
 
 class Records:
-    """Logs every epoch (DVCLive, when `live` is given), keeps the best one (models/model.pt) and
+    """Logs every epoch (DVCLive, when `live` is given), keeps the best one (models/model.safetensors) and
     leaves a state to resume from (models/train_state.pt).
 
     Under torchrun every process keeps the same records; only the first (`writes`) writes files.
@@ -77,7 +77,7 @@ class Records:
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
         self.best_state: dict | None = None  # the best epoch's state while it is not yet on disk
-        self.best_checkpoint: Checkpoint | None = None  # what models/model.pt holds
+        self.best_checkpoint: Checkpoint | None = None  # what models/model.safetensors holds
         self.head_val_right: list[bool] | None = None  # per val image, right under the head phase's best
 
     def checkpoint(self, state_dict: dict, best: EpochResult) -> Checkpoint:
@@ -115,7 +115,7 @@ class Records:
                 self.save_best()
 
     def save_best(self) -> None:
-        """Write the best epoch so far to models/model.pt, atomically, unless it is there already."""
+        """Write the best epoch so far to models/model.safetensors, atomically, unless it is there already."""
         if self.best is not None and self.best_state is not None:
             self.best_checkpoint = self.checkpoint(self.best_state, self.best)
             if self.writes:

@@ -12,32 +12,27 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib.backbones import Preprocessing, read_pretrained_and_sha256
-from stages.lib.calibration import fit_temperature, negative_log_likelihood
+from stages.lib.backbones import read_pretrained_and_sha256
+from stages.lib.calibration import calibrate, fit_temperature, negative_log_likelihood
 from stages.lib.checkpoint import Checkpoint, save_checkpoint
 from stages.lib.classifier import Classifier, build_classifier, head_config, make_head, prefixed, unprefixed
 from stages.lib.cli import UserError
-from stages.lib.data import (
-    EpochSampler,
-    ImageDataset,
-    decode_size,
-    eval_transform,
-    make_loader,
-    read_classes,
-    read_split,
-    train_transform,
-)
+from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, train_transform
 from stages.lib.features import read_head_features, split_probabilities
+from stages.lib.head import feature_probabilities, head_layers
 from stages.lib.head_search import Trial, search_head, winner, with_head_setting
-from stages.lib.inference import calibrate, feature_probabilities, loader_probabilities
+from stages.lib.index_table import read_classes, read_split
+from stages.lib.inference import loader_probabilities
 from stages.lib.metrics import val_scores
 from stages.lib.optim import build_optimizer, build_scheduler
 from stages.lib.params import Params
 from stages.lib.paths import INDEX_CSV, MODEL, PRETRAINED, features_file
+from stages.lib.preprocessing import Preprocessing
 from stages.lib.records import Epoch, EpochResult, Records, read_resume_state, run_fingerprint
 from stages.lib.runtime import autocast, grad_scaler, sum_over_processes, to_device
 from stages.lib.significance import mcnemar_exact
@@ -209,8 +204,8 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
     milliseconds, so an interrupted head phase starts over rather than resuming."""
     settings = run.params.train
     views = train["features"].shape[1]
-    inputs = train["features"].flatten(0, 1)
-    labels = train["labels"].repeat_interleave(views)
+    inputs = torch.from_numpy(train["features"]).flatten(0, 1)
+    labels = torch.from_numpy(train["labels"]).repeat_interleave(views)
     generator = torch.Generator().manual_seed(settings.seed)
     sample_weights = balanced_sample_weights(labels, run.classes) if settings.class_weighting == "sampler" else None
     optimizer = build_optimizer([{"params": head.parameters(), "lr": settings.lr}], settings)
@@ -223,7 +218,7 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
         lr = opt.lr()
         batches = shuffled_batches(inputs, labels, settings.head_batch_size, generator, sample_weights)
         train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
-        probs = feature_probabilities(head, val, run.params.model.tta)
+        probs = feature_probabilities(head_layers(head.state_dict()), val, run.params.model.tta)
         run.timing["head"] += time.perf_counter() - started
         yield Epoch(EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr))
 
@@ -407,7 +402,7 @@ def head_phase(model: ModelParts, records: Records, run: Run, pretrained_sha256:
     else:
         record_phase(fit_head(model.head, train_features, val_features, run, 1), records, model, params.train.patience)
         records.restore_best(model)
-        probs = feature_probabilities(model.head, val_features, params.model.tta)
+        probs = feature_probabilities(head_layers(model.head.state_dict()), val_features, params.model.tta)
         records.head_val_right = (probs.argmax(1) == val_features["labels"]).tolist()
         records.save_resume_state(model)
     head_epochs = [Trial(params.train.lr, params.train.weight_decay, r) for r in records.history if r.phase == "head"]
@@ -455,7 +450,7 @@ def network_phase(model: ModelParts, records: Records, run: Run, prep: Preproces
 
 def train_model(plan: Plan, model: ModelParts, records: Records, run: Run, prep: Preprocessing, pretrained_sha256: str,
                 resumed: dict | None) -> list[Trial]:
-    """The phases the plan asks for; models/model.pt holds the best epoch after each improvement.
+    """The phases the plan asks for; models/model.safetensors holds the best epoch after each improvement.
     Returns the head settings tried (none without a head phase)."""
     trials = head_phase(model, records, run, pretrained_sha256, resumed) if plan.head_first else []
     if plan.network:
@@ -470,7 +465,7 @@ class Trained:
     records: Records  # every epoch, and the best one
     run: Run  # its timing included
     trials: list[Trial]  # the head settings tried
-    checkpoint: Checkpoint  # the best epoch, its temperature fitted: what models/model.pt holds
+    checkpoint: Checkpoint  # the best epoch, its temperature fitted: what models/model.safetensors holds
     temperature_fitted: bool  # False: too few val images, the temperature stayed 1
 
 
@@ -490,10 +485,9 @@ def with_fitted_temperature(checkpoint: Checkpoint, params: Params) -> tuple[Che
         log.warning("temperature kept at 1: the val split has %d images, fewer than the %d a fitted temperature "
                     "needs (docs/stages.md, Calibration)", len(labels), MIN_VAL_IMAGES_FOR_TEMPERATURE)
         return replace(checkpoint, temperature=1.0), False
-    log_probs, y = probs.clamp_min(1e-12).log().numpy(), labels.numpy()
-    temperature = fit_temperature(log_probs, y)
-    before = negative_log_likelihood(probs.numpy(), y)
-    after = negative_log_likelihood(calibrate(probs, temperature).numpy(), y)
+    temperature = fit_temperature(np.log(np.maximum(probs, 1e-12)), labels)
+    before = negative_log_likelihood(probs, labels)
+    after = negative_log_likelihood(calibrate(probs, temperature), labels)
     log.info("temperature %.4g fitted on the val split: NLL %.4f -> %.4f", temperature, before, after)
     return replace(checkpoint, temperature=temperature), True
 
@@ -501,9 +495,9 @@ def with_fitted_temperature(checkpoint: Checkpoint, params: Params) -> tuple[Che
 def train_and_calibrate(params: Params, device: torch.device, live=None, rank: int = 0,
                         world_size: int = 1) -> Trained:
     """What the train stage does to the model: the strategy's phases on the train split, the best
-    epoch on val, its temperature fitted on val, written to models/model.pt (by the first process).
+    epoch on val, its temperature fitted on val, written to models/model.safetensors (by the first process).
     A run interrupted before resumes from models/train_state.pt if its params and inputs are the
-    same; Ctrl-C or SIGTERM leave the best epoch so far in models/model.pt. `live`: DVCLive, to
+    same; Ctrl-C or SIGTERM leave the best epoch so far in models/model.safetensors. `live`: DVCLive, to
     log every epoch."""
     torch.manual_seed(params.train.seed)
     classes = read_classes()
