@@ -64,6 +64,7 @@ def main() -> None:
                                 "val_macro_f1": best.val_f1, "val_loss": best.val_loss,
                                 "temperature": trained.checkpoint.temperature,
                                 "temperature_fitted": trained.temperature_fitted,
+                                "network_steps": trained.run.network_steps,
                                 "step": live.summary.get("step", live.step)}
         stop_distributed(world_size)
         if rank == 0:

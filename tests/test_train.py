@@ -49,7 +49,7 @@ def test_frozen_trains_only_the_head(tiny_project):
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     assert summary == {"best_epoch": checkpoint["epoch"], "val_accuracy": checkpoint["metrics"]["val_acc"],
                        "val_macro_f1": checkpoint["metrics"]["val_f1"], "val_loss": checkpoint["metrics"]["val_loss"],
-                       "temperature": 1.0, "temperature_fitted": False, "step": 2}
+                       "temperature": 1.0, "temperature_fitted": False, "network_steps": 0, "step": 2}
     assert (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().count("\n") == 4  # header + 3 epochs
     assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
 
@@ -389,25 +389,55 @@ def test_auto_keeps_the_head_unless_the_network_pays_on_val(tiny_project, monkey
         assert (checkpoint.metrics["val_acc"], -checkpoint.metrics["val_loss"]) == pytest.approx(head_best)
 
 
-def test_the_time_budget_starts_no_network_epoch_that_would_end_after_it(tiny_project):
-    import time as clock
+def test_the_budget_schedule_falls_linearly_to_zero_at_the_planned_step():
+    from stages.lib.optim import LinearToZero
 
-    from stages.lib.params import load_params
-    from stages.lib.training import make_run, out_of_time
+    schedule = LinearToZero(100)
+    assert schedule(0) == 1 and schedule(50) == 0.5 and schedule(100) == 0
+    schedule.plan(10, 40)  # from where it was (0.9) to zero at step 40, without a jump
+    assert schedule(10) == pytest.approx(0.9) and schedule(25) == pytest.approx(0.45) and schedule(40) == 0
+    assert schedule(41) == 0 and schedule.total == 40
 
-    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 3, "time_budget": 0.001})
+
+def test_steps_that_fit_count_every_validation_they_bring():
+    from stages.lib.training import TAIL_SECONDS, steps_that_fit
+
+    # 100 s left, 1 s a step, 10 steps an epoch, 5 s a validation, 5 steps done: n more steps
+    # bring one validation per epoch end reached, one at the end and one for the temperature.
+    total = steps_that_fit(100, 1.0, 5.0, 5, 10)
+    validations = total // 10 + (total % 10 > 0) + 1
+    assert (total - 5) + 5 * validations + TAIL_SECONDS <= 100 < (total + 1 - 5) + 5 * (validations + 1) + TAIL_SECONDS
+    assert steps_that_fit(-10, 1.0, 5.0, 5, 10) == 6  # nothing left: one more step, and its validation
+
+
+@pytest.mark.slow  # runs for its budget
+def test_a_budgeted_run_ends_within_its_budget_its_learning_rate_at_zero(tiny_project, monkeypatch):
+    from stages.lib import training
+
+    lrs = []  # after each step of the network phase
+    step = training.Optimization.step
+
+    def recording(self, loss):
+        step(self, loss)
+        lrs.append(self.lr())
+
+    monkeypatch.setattr(training.Optimization, "step", recording)
+    budget = 15.0
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "time_budget": budget,
+                                                    "batch_size": 2, "workers": 0})
+    started = time.perf_counter()
     train.main()
-    steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
-    assert len(steps) == 1 + 1  # the first network epoch always runs; the budget was spent by then
-    def run_with(budget):
-        params = load_params()
-        params = params.model_copy(update={"train": params.train.model_copy(update={"time_budget": budget})})
-        run = make_run(params, torch.device("cpu"), torch.tensor([0, 1]), 2)
-        run.started = clock.perf_counter() - 5
-        return run
-
-    assert not out_of_time(run_with(10.0), epoch_seconds=4) and out_of_time(run_with(10.0), epoch_seconds=6)
-    assert not out_of_time(run_with(None), epoch_seconds=1e9)
+    seconds = time.perf_counter() - started
+    summary = json.loads((root / "metrics/train/metrics.json").read_text())
+    timing = json.loads((root / "metrics/train/time.json").read_text())
+    validations = len((root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()) - 1
+    assert summary["network_steps"] == len(lrs) > training.PACE_STEPS
+    # Within the budget, give or take 5% or one validation pass (the stage's own start-up aside).
+    assert seconds <= budget * 1.05 + timing["validate"] / validations, (seconds, timing)
+    assert lrs[-1] == 0 and min(lrs[:-1]) > 0  # zero after the last step, and only then
+    planned_from = training.PACE_STEPS + 1
+    falls = [a - b for a, b in zip(lrs[planned_from - 1:], lrs[planned_from:])]
+    assert all(f == pytest.approx(falls[0], rel=1e-6) for f in falls)  # linearly, from the plan on
 
 
 @pytest.mark.parametrize("policy", ["trivial", "rand"])

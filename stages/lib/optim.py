@@ -40,3 +40,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps
     if params.scheduler == "onecycle":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+class LinearToZero:
+    """train.time_budget's schedule, as a factor of each group's lr: falling linearly to zero at
+    the last planned step, the schedule Li, Yumer and Ramanan found best for a fixed budget
+    ("Budgeted training", ICLR 2020). It falls as for `total` steps until `plan(step, total)`
+    moves the end: from then on it falls from where it is to zero at the new `total`. A callable
+    object, not a function, so that LambdaLR saves its plan with the scheduler (resuming keeps it)."""
+
+    def __init__(self, total: int):
+        self.start, self.start_factor, self.total = 0, 1.0, max(1, total)
+
+    def __call__(self, step: int) -> float:
+        return max(0.0, self.start_factor * (self.total - step) / max(1, self.total - self.start))
+
+    def plan(self, step: int, total: int) -> None:
+        self.start_factor, self.start, self.total = self(step), step, max(step + 1, total)

@@ -27,9 +27,9 @@ from stages.lib.features import read_head_features, split_probabilities
 from stages.lib.head import feature_probabilities, head_layers
 from stages.lib.head_search import Trial, search_head, winner, with_head_setting
 from stages.lib.index_table import read_classes, read_split
-from stages.lib.inference import loader_probabilities
+from stages.lib.inference import batch_probabilities, loader_probabilities
 from stages.lib.metrics import val_scores
-from stages.lib.optim import build_optimizer, build_scheduler
+from stages.lib.optim import LinearToZero, build_optimizer, build_scheduler
 from stages.lib.params import Params
 from stages.lib.paths import INDEX_CSV, MODEL, PRETRAINED, features_file
 from stages.lib.preprocessing import Preprocessing
@@ -79,6 +79,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)  # when the train stage began: train.time_budget
     rank: int = 0
     world_size: int = 1
+    network_steps: int = 0  # optimizer steps the network phase took (metrics/train/metrics.json)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
@@ -274,8 +275,11 @@ def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoc
     groups = [{"params": [w for w in model.backbone.parameters() if w.requires_grad], "lr": plan.backbone_lr},
               {"params": model.head.parameters(), "lr": plan.head_lr}]
     optimizer = build_optimizer(groups, settings)
-    opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps_per_epoch, settings.epochs),
-                       grad_scaler(run.device, settings.amp))
+    if settings.time_budget is None:
+        scheduler = build_scheduler(optimizer, settings, steps_per_epoch, settings.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToZero(steps_per_epoch * settings.epochs))
+    opt = Optimization(optimizer, scheduler, grad_scaler(run.device, settings.amp))
     if resume is not None:
         opt.optimizer.load_state_dict(resume["optimizer"])
         opt.scheduler.load_state_dict(resume["scheduler"])
@@ -302,18 +306,18 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     if settings.compile:
         runner = torch.compile(runner)
     first = resume["epochs_done"] if resume is not None else 0
-    network_started = time.perf_counter()
-    for i in range(first, settings.epochs):
-        pace = (time.perf_counter() - network_started) / (i - first) if i > first else None
-        if pace is not None and out_of_time(run, pace):
-            log.info("train.time_budget: %.0f s spent, another epoch takes about %.0f s: stopping the network phase",
-                     time.perf_counter() - run.started, pace)
-            return
+    budget = None
+    if settings.time_budget is not None:
+        budget = Budget(run, opt.scheduler.lr_lambdas[0], len(train_loader), validation_seconds(model, val_loader, run),
+                        steps=first * len(train_loader))
+    i = first
+    while (i < settings.epochs) if budget is None else not budget.spent():
         sampler.set_epoch(i)
         runner.train()
         keep_batchnorm_statistics(model.backbone, frozen_only=not settings.freeze_bn)
         lr = opt.lr()
-        train_loss, train_acc = train_one_epoch(runner, train_loader, opt, run, first_epoch + i, on_images=True)
+        batches = train_loader if budget is None else budget.batches(train_loader)
+        train_loss, train_acc = train_one_epoch(runner, batches, opt, run, first_epoch + i, on_images=True)
         started = time.perf_counter()
         # Every process scores the whole val split with the same weights, so all agree on the best
         # epoch; DDP's wrapper is for training only.
@@ -323,15 +327,77 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
         state = {"epochs_done": i + 1, "optimizer": opt.optimizer.state_dict(),
                  "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict()}
         result = EpochResult(first_epoch + i, "network", train_loss, train_acc, *val_scores(probs, labels), lr)
+        i += 1
         yield Epoch(result, state, (probs.argmax(1) == labels).tolist())
 
 
-def out_of_time(run: Run, epoch_seconds: float) -> bool:
-    """Whether another network epoch, as long as the mean one so far, would end after
-    train.time_budget seconds from the stage's start (no budget: never). The first network epoch
-    always runs: until then there is no pace to go by."""
-    budget = run.params.train.time_budget
-    return budget is not None and time.perf_counter() - run.started + epoch_seconds > budget
+# --- train.time_budget: the network phase planned on the clock ---------------------------------
+PACE_STEPS = 5  # steps timed, after the first (which pays for start-up), before the plan is made
+TAIL_SECONDS = 2.0  # after the last validation: the checkpoint written, the stage's records
+
+
+def validation_seconds(model: nn.Module, val_loader, run: Run) -> float:
+    """What one validation pass will take: its first batch, timed, times the batches."""
+    started = time.perf_counter()
+    images, _ = next(iter(val_loader))
+    with torch.inference_mode():
+        batch_probabilities(model.eval(), images, run.device, run.params.model.tta, run.params.train.channels_last)
+    return (time.perf_counter() - started) * len(val_loader)
+
+
+def steps_that_fit(seconds_left: float, pace: float, validation: float, done: int, steps_per_epoch: int) -> int:
+    """The most steps, counted from the phase's start, whose training (`pace` seconds each, from
+    `done` on) and validations (one at each epoch end reached, one at the last step; then one
+    more, for the temperature) end within `seconds_left`; at least one more than `done`."""
+    total = done + max(1, int(seconds_left / pace))
+    while total > done + 1:
+        validations = total // steps_per_epoch - done // steps_per_epoch + (total % steps_per_epoch > 0) + 1
+        if (total - done) * pace + validations * validation + TAIL_SECONDS <= seconds_left:
+            break
+        total -= 1
+    return total
+
+
+@dataclass
+class Budget:
+    """Counts the network phase's steps; after the first few it plans how many fit in what is left
+    of train.time_budget (at the pace measured, with every validation they bring), and lets the
+    learning rate fall to zero at the last of them (until then, the schedule's end is train.epochs'
+    steps). Every process of a distributed run plans from the same (averaged) figures, so all stop
+    at the same step. A resumed run keeps the plan it made (the scheduler's state holds it)."""
+    run: Run
+    schedule: LinearToZero
+    steps_per_epoch: int
+    validation: float  # seconds per validation pass
+    steps: int = 0  # counted from the phase's start
+    timed_from: float = 0.0
+
+    def spent(self) -> bool:
+        return self.steps >= self.schedule.total
+
+    def batches(self, loader):
+        """The loader's batches until the planned steps are taken."""
+        for batch in loader:
+            if self.spent():
+                return
+            yield batch
+            self.stepped()
+
+    def stepped(self) -> None:
+        self.steps += 1
+        self.run.network_steps += 1
+        if self.run.network_steps == 1:
+            self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
+        elif self.run.network_steps == 1 + PACE_STEPS and self.schedule.start == 0:
+            now = time.perf_counter()
+            world = self.run.world_size
+            pace, left, validation = (v / world for v in sum_over_processes(
+                (now - self.timed_from) / PACE_STEPS, self.run.params.train.time_budget - (now - self.run.started),
+                self.validation))
+            planned = steps_that_fit(left, pace, validation, self.steps, self.steps_per_epoch)
+            self.schedule.plan(self.steps, planned)
+            log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s a validation: %d more steps, the "
+                     "learning rate falling to zero at the last", left, pace, validation, planned - self.steps)
 
 
 # --- the phases, with their records ----------------------------------------------------------
