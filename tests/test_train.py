@@ -11,6 +11,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -66,6 +67,9 @@ def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs,
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
     timing = json.loads((root / "metrics/train/time.json").read_text())
     assert timing["compute"] > 0 and timing["data"] >= 0 and timing["validate"] > 0
+    train_images = len(pd.read_csv(root / "data/index.csv").query("split == 'train'"))
+    summary = json.loads((root / "metrics/train/metrics.json").read_text())
+    assert summary["network_steps"] == epochs * -(-train_images // 8)  # batches of 8
     assert ("head" in timing) == warm_head and timing["total"] >= timing["compute"]
     # Whatever epoch won, the backbone must have moved in the network phase.
     pretrained = backbone_state(root)

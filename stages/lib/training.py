@@ -79,7 +79,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)  # when the train stage began: train.time_budget
     rank: int = 0
     world_size: int = 1
-    network_steps: int = 0  # optimizer steps the network phase took (metrics/train/metrics.json)
+    network_steps: int = 0  # optimizer steps of the whole network taken (metrics/train/metrics.json)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
@@ -178,6 +178,7 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
             raise UserError(f"epoch {epoch}: the loss became {loss.item()}; lower train.lr "
                             f"(the learning rate was {opt.lr():.3g})")
         opt.step(loss)
+        run.network_steps += on_images
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
@@ -370,6 +371,7 @@ class Budget:
     steps_per_epoch: int
     validation: float  # seconds per validation pass
     steps: int = 0  # counted from the phase's start
+    taken: int = 0  # by this process
     timed_from: float = 0.0
 
     def spent(self) -> bool:
@@ -385,10 +387,10 @@ class Budget:
 
     def stepped(self) -> None:
         self.steps += 1
-        self.run.network_steps += 1
-        if self.run.network_steps == 1:
+        self.taken += 1
+        if self.taken == 1:
             self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
-        elif self.run.network_steps == 1 + PACE_STEPS and self.schedule.start == 0:
+        elif self.taken == 1 + PACE_STEPS and self.schedule.start == 0:
             now = time.perf_counter()
             world = self.run.world_size
             pace, left, validation = (v / world for v in sum_over_processes(
