@@ -349,6 +349,31 @@ def test_the_network_trains_on_crops_of_train_image_size_and_validates_at_the_ba
     _, train_loader, val_loader = network_loaders(make_run(params, torch.device("cpu"), torch.tensor([0, 1]), 2), prep)
     assert next(iter(train_loader))[0].shape[-2:] == (96, 96)
     assert next(iter(val_loader))[0].shape[-2:] == (prep.input_size, prep.input_size) != (96, 96)
+    # train.eval_size: validated there instead
+    params = params.model_copy(update={"train": params.train.model_copy(update={"eval_size": 112})})
+    _, _, val_loader = network_loaders(make_run(params, torch.device("cpu"), torch.tensor([0, 1]), 2), prep)
+    assert next(iter(val_loader))[0].shape[-2:] == (112, 112)
+
+
+@pytest.mark.slow  # trains, evaluates, exports and predicts
+def test_a_network_model_is_scored_at_train_eval_size_everywhere(tiny_project):
+    from stages import evaluate, export, predict
+
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "eval_size": 112})
+    train.main()
+    checkpoint = read_checkpoint(root / "models/model.safetensors")
+    pretrained = torch.load(root / "models/pretrained.pt", weights_only=True)["preprocessing"]
+    assert (checkpoint.preprocessing.input_size, pretrained["input_size"]) == (112, 160)
+    assert checkpoint.preprocessing.resize_size == round(112 * pretrained["resize_size"] / 160)
+    evaluate.main()
+    export.main()
+    side = json.loads((root / "models/export/model.json").read_text())
+    assert (side["input_size"], side["resize_size"]) == (112, checkpoint.preprocessing.resize_size)
+    # evaluate and predict score the same image alike: at the checkpoint's size
+    evaluated = pd.read_csv(root / "metrics/predictions.csv").iloc[0]
+    assert predict.main([str(root / "data/raw" / evaluated["path"]), "--out", "one.csv", "--workers", "0"]) == 0
+    predicted = pd.read_csv(root / "one.csv").iloc[0]
+    assert predicted["probability"] == pytest.approx(evaluated["probability"], abs=1e-5)
 
 
 def test_a_network_epoch_pays_only_when_significantly_better_than_the_head_on_val():

@@ -152,6 +152,7 @@ class TrainParams(Strict):
     freeze_bn: StrictBool
     trainable_fraction: Annotated[Number, Field(gt=0, le=1)]
     image_size: Annotated[StrictInt, Field(ge=32)] | None
+    eval_size: Annotated[StrictInt, Field(ge=32)] | None
     patience: Annotated[StrictInt, Field(ge=0)]
     time_budget: PositiveFloat | None
     head_search: StrictBool

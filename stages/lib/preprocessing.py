@@ -4,7 +4,7 @@ prepares it the same way."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,12 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    def at_size(self, size: int | None) -> "Preprocessing":
+        """The same at another crop size (None: this one), the resize scaled with it."""
+        if size is None or size == self.input_size:
+            return self
+        return replace(self, input_size=size, resize_size=round(size * self.resize_size / self.input_size))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":

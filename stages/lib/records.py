@@ -81,11 +81,14 @@ class Records:
         self.head_val_right: list[bool] | None = None  # per val image, right under the head phase's best
 
     def checkpoint(self, state_dict: dict, best: EpochResult) -> Checkpoint:
-        # While the best epoch is a head epoch, the backbone is still exactly the pretrained file's.
-        pretrained = self.pretrained_sha256 if best.phase == "head" else None
+        # While the best epoch is a head epoch, the backbone is still exactly the pretrained file's;
+        # a network epoch was validated at train.eval_size, and is scored at it from then on.
+        head = best.phase == "head"
+        pretrained = self.pretrained_sha256 if head else None
+        prep = self.prep if head else self.prep.at_size(self.params.train.eval_size)
         return Checkpoint(
             backbone=self.params.model.backbone, weights=self.params.model.weights, strategy=self.params.strategy,
-            classes=self.classes, preprocessing=self.prep, head=head_config(self.params.model),
+            classes=self.classes, preprocessing=prep, head=head_config(self.params.model),
             tta=self.params.model.tta, epoch=best.epoch, metrics=asdict(best), pretrained_backbone_sha256=pretrained,
             params=train_params(self.params), state_dict=state_dict,
         )

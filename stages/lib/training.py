@@ -252,12 +252,13 @@ def freeze_early_weights(backbone: nn.Module, trainable_fraction: float) -> tupl
 
 def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object, object]:
     """The train split's sampler and loader (augmented, shuffled per epoch, crops of
-    train.image_size), and the val loader (the backbone's own size, as test and predict)."""
+    train.image_size), and the val loader (train.eval_size, as the checkpoint then records)."""
     settings, pin = run.params.train, run.device.type == "cuda"
     crops = replace(prep, input_size=settings.image_size or prep.input_size)
     train_set = ImageDataset(read_split("train"), train_transform(crops, run.params.augment), decode_size(prep, True),
                              settings.seed)
-    val_set = ImageDataset(read_split("val"), eval_transform(prep), decode_size(prep))
+    scored = prep.at_size(settings.eval_size)
+    val_set = ImageDataset(read_split("val"), eval_transform(scored), decode_size(scored))
     # Under torchrun each process takes its share of every epoch; train.batch_size is per process.
     weights = None
     if settings.class_weighting == "sampler":
