@@ -10,7 +10,8 @@ strategy finetune, so that every network epoch is seen (auto would stop at the f
 not improve), and the setting's overrides of params.yaml:
 - default:         the committed network settings (train.backbone_lr_mult, one-cycle, 160 px crops);
 - lr x 1/3:        the backbone (and the head under it) at a third of the default's learning rate;
-- lr x 1/3, cosine: and no warm-up: the rate falls from its peak (one-cycle peaks inside epoch 1);
+- lr x 1/3, cosine: and no warm-up: the rate falls from its peak (one-cycle peaks inside epoch 1;
+                   train.scheduler is the head phase's too, so the head changes a little);
 - lr x 1/3, crops 0.5-1: and gentler zoom (the random crops keep half the image or more).
 It prints the head's best val accuracy, the val accuracy after each network epoch (scored as
 the train stage scores it: at the backbone's input size), and the last network epoch's val
@@ -46,7 +47,7 @@ SETTINGS = {
     "default": {},
     "lr x 1/3": {"backbone_lr_mult": 0.1},
     "lr x 1/3, cosine": {"backbone_lr_mult": 0.1, "scheduler": "cosine"},
-    "lr x 1/3, crops 0.5-1": {"backbone_lr_mult": 0.1, "crop_scale": [0.5, 1.0]},
+    "lr x 1/3, crops 0.5-1": {"backbone_lr_mult": 0.1, "crop_scale": (0.5, 1.0)},
 }
 EVAL_SIZES = (160, 192, 224)  # beside the backbone's own
 
