@@ -308,6 +308,7 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     if settings.compile:
         runner = torch.compile(runner)
     first = resume["epochs_done"] if resume is not None else 0
+    run.network_steps = first * len(train_loader)  # a resumed run counts the steps before it too
     budget = None
     if settings.time_budget is not None:
         budget = Budget(run, opt.scheduler.lr_lambdas[0], len(train_loader), validation_seconds(model, val_loader, run),
