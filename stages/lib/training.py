@@ -311,8 +311,7 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     run.network_steps = first * len(train_loader)  # a resumed run counts the steps before it too
     budget = None
     if settings.time_budget is not None:
-        budget = Budget(run, opt.scheduler.lr_lambdas[0], len(train_loader), validation_seconds(model, val_loader, run),
-                        steps=first * len(train_loader))
+        budget = Budget(run, opt.scheduler.lr_lambdas[0], len(train_loader), validation_seconds(model, val_loader, run))
     i = first
     while (i < settings.epochs) if budget is None else not budget.spent():
         sampler.set_epoch(i)
@@ -363,21 +362,20 @@ def steps_that_fit(seconds_left: float, pace: float, validation: float, done: in
 
 @dataclass
 class Budget:
-    """Counts the network phase's steps; after the first few it plans how many fit in what is left
-    of train.time_budget (at the pace measured, with every validation they bring), and lets the
-    learning rate fall to zero at the last of them (until then, the schedule's end is train.epochs'
+    """Watches the network phase's steps (run.network_steps); after the first few it plans how many
+    fit in what is left of train.time_budget (at the pace measured, with every validation they
+    bring), and lets the learning rate fall to zero at the last of them (until then, the schedule's end is train.epochs'
     steps). Every process of a distributed run plans from the same (averaged) figures, so all stop
     at the same step. A resumed run keeps the plan it made (the scheduler's state holds it)."""
     run: Run
     schedule: LinearToZero
     steps_per_epoch: int
     validation: float  # seconds per validation pass
-    steps: int = 0  # counted from the phase's start
-    taken: int = 0  # by this process
+    taken: int = 0  # steps by this process (run.network_steps counts those of a resumed run's before too)
     timed_from: float = 0.0
 
     def spent(self) -> bool:
-        return self.steps >= self.schedule.total
+        return self.run.network_steps >= self.schedule.total
 
     def batches(self, loader):
         """The loader's batches until the planned steps are taken."""
@@ -388,7 +386,6 @@ class Budget:
             self.stepped()
 
     def stepped(self) -> None:
-        self.steps += 1
         self.taken += 1
         if self.taken == 1:
             self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
@@ -398,10 +395,11 @@ class Budget:
             pace, left, validation = (v / world for v in sum_over_processes(
                 (now - self.timed_from) / PACE_STEPS, self.run.params.train.time_budget - (now - self.run.started),
                 self.validation))
-            planned = steps_that_fit(left, pace, validation, self.steps, self.steps_per_epoch)
-            self.schedule.plan(self.steps, planned)
+            done = self.run.network_steps
+            planned = steps_that_fit(left, pace, validation, done, self.steps_per_epoch)
+            self.schedule.plan(done, planned)
             log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s a validation: %d more steps, the "
-                     "learning rate falling to zero at the last", left, pace, validation, planned - self.steps)
+                     "learning rate falling to zero at the last", left, pace, validation, planned - done)
 
 
 # --- the phases, with their records ----------------------------------------------------------
