@@ -50,7 +50,8 @@ def table(rows: list[dict]) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.budget` (one run). The head "
              "alone (strategy frozen), then strategy finetune with `train.time_budget` at each number of minutes; "
              "train stage: its seconds (metrics/train/time.json), against the budget.", "",
-             "| archive | budget | train stage | network steps | test accuracy | macro-F1 |", "|---|---|---|---|---|---|"]
+             "| archive | budget | train stage | network steps | test accuracy | macro-F1 |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         budget = "head alone" if r["minutes"] is None else f"{r['minutes']:g} min"
         share = "" if r["minutes"] is None else f" ({r['train'] / (60 * r['minutes']):.0%})"
