@@ -11,11 +11,12 @@ phase's best head (on the cached features) and each network epoch, at the backbo
 and at smaller evaluation sizes. The rules then pick a model from the val scores alone; the test
 split only reports what each pick scores:
 - head:            the head; the frozen strategy's model;
-- McNemar p<0.05:  auto as it was: network epochs while each improves on the phase's best val
+- McNemar p<0.05:  auto before this bench: network epochs while each improves on the phase's best val
                    score, adopted only if significantly better than the head (McNemar's exact test);
 - McNemar p<0.25:  the same with a weaker gate;
 - plain:           auto's epochs, adopted if its val accuracy beats the best so far (ties to the head);
 - plain + size:    the same, each network epoch at the evaluation size with the best val accuracy;
+- plain at 192:    the same, every network epoch at 192 px (train.eval_size 192);
 - best network:    the network epoch with the best val accuracy, the head never (strategy finetune).
 The measurements go to bench/results/gate.json (`--table-only` recomputes the table from them);
 the table to bench/results/gate.md and the `gate` block of docs/model.md.
@@ -49,7 +50,7 @@ from stages.lib.significance import mcnemar_exact
 
 RESULTS = Path("bench/results/gate.md")
 MEASURED = RESULTS.with_suffix(".json")
-SMALLER_SIZES = (224, 192)  # evaluation sizes tried beside the backbone's input size
+SMALLER_SIZES = [224, 192]  # evaluation sizes tried beside the backbone's input size (--sizes)
 
 
 def right_at_sizes(model, prep: Preprocessing, tta: str) -> dict:
@@ -138,15 +139,20 @@ RULES = {
     "plain + size": lambda run, base: auto_pick(
         run, lambda r: True, lambda epoch: max(sorted(k for k in epoch if k != "val_acc"),
                                                key=lambda k: accuracy(epoch[k]["val"]))),
+    "plain at 192": lambda run, base: auto_pick(run, lambda r: True, lambda epoch: "192"),
     "best network": lambda run, base: max((e[base(e)] for e in run["network"]), key=lambda r: accuracy(r["val"])),
 }
 
 
+def sizes(runs: list[dict]) -> str:
+    return ", ".join(k for k in runs[0]["network"][0] if k != "val_acc")
+
+
 def table(measured: dict) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.gate` (one run; params.yaml's "
-             "network settings, strategy finetune so that every network epoch is seen, seeds "
-             + ", ".join(str(r["seed"]) for r in next(iter(measured.values()))) + "). Test accuracy of the model "
-             "each rule picks from the val scores, per seed, and the mean.", "",
+             "network settings, strategy finetune so that every network epoch is seen). Test accuracy of the model "
+             "each rule picks from the val scores: the mean, and per train.seed (0, 1, ...). Evaluation sizes "
+             "tried by plain + size: " + "; ".join(f"{a} {sizes(runs)}" for a, runs in measured.items()) + " px.", "",
              "| archive | " + " | ".join(RULES) + " |", "|---|" + "---|" * len(RULES)]
     for archive, runs in measured.items():
         cells = []
@@ -161,12 +167,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archives", default="hymenoptera_data,blood_cells,trashnet")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sizes", default="224,192", help="smaller evaluation sizes to score at; '' for none")
     parser.add_argument("--table-only", action="store_true", help=f"the table from {MEASURED}")
+    parser.add_argument("--add", action="store_true", help=f"add these archives' runs to those in {MEASURED}")
     args = parser.parse_args()
     if args.table_only:
         publish("gate", table(json.loads(MEASURED.read_text())), RESULTS)
         return
-    measured = {}
+    SMALLER_SIZES[:] = [int(s) for s in args.sizes.split(",") if s]
+    measured = json.loads(MEASURED.read_text()) if args.add else {}
     with restored_workspace():
         for name in args.archives.split(","):
             run_on_archive(SHARED / f"{name}.zip", targets=["features"])

@@ -5,8 +5,8 @@ Strategies (the top-level param `strategy`, read once by lib/training.plan_for):
 - finetune: that head first (`train.head_epochs`, 0 to skip it as the recipe does), then every
             layer, the backbone at `train.lr * train.backbone_lr_mult`;
 - scratch:  the same architecture from random weights, every layer from the start;
-- auto:     finetune's phases, but a network epoch becomes the model only if it is significantly
-            better than the head on the val split (McNemar's exact test), and the network phase
+- auto:     finetune's phases, but a network epoch becomes the model only if it gets more val
+            images right than the head (a tie keeps the head), and the network phase
             stops at the first epoch whose val score does not improve on the phase's best so far:
             where the pretrained features suffice, the head stays.
 

@@ -103,11 +103,11 @@ class Records:
 
     def record(self, result: EpochResult, model, eligible: bool = True) -> None:
         """Log an epoch; it becomes the best if it beats the best so far and is `eligible`
-        (strategy auto: a network epoch significantly better than the head on val)."""
+        (strategy auto: a network epoch with more val images right than the head)."""
         self.history.append(result)
         self.log_epoch(result)
         improved = eligible and result.beats(self.best, self.params.train.select_on)
-        note = " | best so far" if improved else "" if eligible else " | not significantly better than the head on val"
+        note = " | best so far" if improved else "" if eligible else " | no more val images right than the head"
         log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e%s",
                  result.epoch, result.phase, result.train_loss, result.train_acc, result.val_loss, result.val_acc,
                  result.val_f1, result.lr, note)
