@@ -422,7 +422,8 @@ def early_stopped(epochs, patience: int, select_on: str, best: EpochResult | Non
 def pays_on_val(head_right: list[bool], right: list[bool]) -> bool:
     """Whether a network epoch gets more val images right than the head (a tie keeps the head).
     bench.gate measured stricter gates (McNemar's exact test at p < 0.05 and 0.25) over three
-    archives and three seeds: they never picked a better model on test, and once a worse one."""
+    archives and three seeds: they never picked a model better on test than this rule's, and once
+    kept a head that was worse than its network epoch."""
     return sum(right) > sum(head_right)
 
 
