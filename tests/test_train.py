@@ -418,14 +418,17 @@ def test_auto_keeps_the_head_unless_the_network_pays_on_val(tiny_project, monkey
         assert (checkpoint.metrics["val_acc"], -checkpoint.metrics["val_loss"]) == pytest.approx(head_best)
 
 
-def test_the_budget_schedule_falls_linearly_to_zero_at_the_planned_step():
+def test_the_budget_schedule_warms_up_then_falls_linearly_to_zero_at_the_planned_step():
     from stages.lib.optim import LinearToZero
 
     schedule = LinearToZero(100)
-    assert schedule(0) == 1 and schedule(50) == 0.5 and schedule(100) == 0
-    schedule.plan(10, 40)  # from where it was (0.9) to zero at step 40, without a jump
-    assert schedule(10) == pytest.approx(0.9) and schedule(25) == pytest.approx(0.45) and schedule(40) == 0
-    assert schedule(41) == 0 and schedule.total == 40
+    assert not schedule.planned and schedule(0) == schedule(50) == pytest.approx(0.04)  # timing the pace
+    schedule.plan(100)
+    assert schedule(0) == pytest.approx(0.04) and schedule(25) == 1 and schedule(100) == 0
+    assert schedule(10) < schedule(20) < schedule(25) and schedule(50) == pytest.approx(2 / 3)
+    schedule.plan(40)  # the warm-up a quarter of the new total, the end at step 40
+    assert schedule(5) == pytest.approx(0.04 + 0.96 / 2) and schedule(10) == 1
+    assert schedule(25) == pytest.approx(0.5) and schedule(40) == 0 and schedule(41) == 0
 
 
 def test_steps_that_fit_count_every_validation_they_bring():
@@ -464,9 +467,10 @@ def test_a_budgeted_run_ends_within_its_budget_its_learning_rate_at_zero(tiny_pr
     # Within the budget, give or take 5% or one validation pass (the stage's own start-up aside).
     assert seconds <= budget * 1.05 + timing["validate"] / validations, (seconds, timing)
     assert lrs[-1] == 0 and min(lrs[:-1]) > 0  # zero after the last step, and only then
-    planned_from = training.PACE_STEPS + 1
-    falls = [a - b for a, b in zip(lrs[planned_from - 1:], lrs[planned_from:])]
-    assert all(f == pytest.approx(falls[0], rel=1e-6) for f in falls)  # linearly, from the plan on
+    peak = lrs.index(max(lrs))  # the warm-up's end, a quarter of the planned steps in
+    assert peak == pytest.approx(len(lrs) / 4, abs=1.5)
+    falls = [a - b for a, b in zip(lrs[peak:], lrs[peak + 1:])]
+    assert all(f == pytest.approx(falls[0], rel=1e-6) for f in falls), lrs  # then linearly to zero
 
 
 @pytest.mark.parametrize("policy", ["trivial", "rand"])

@@ -6,6 +6,7 @@ of the whole network on images.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -338,12 +339,22 @@ TAIL_SECONDS = 2.0  # after the last validation: the checkpoint written, the sta
 
 
 def validation_seconds(model: nn.Module, val_loader, run: Run) -> float:
-    """What one validation pass will take: its first batch, timed, times the batches."""
-    started = time.perf_counter()
-    images, _ = next(iter(val_loader))
+    """What one validation pass will take: its second and third batches, timed, per batch, times
+    the batches. The first batch is not timed: it pays for starting the loader's workers (seconds,
+    each importing torch), which made the plan leave a third of the budget unused (bench.budget)."""
+    batches = iter(val_loader)
+    tta, channels_last = run.params.model.tta, run.params.train.channels_last
     with torch.inference_mode():
-        batch_probabilities(model.eval(), images, run.device, run.params.model.tta, run.params.train.channels_last)
-    return (time.perf_counter() - started) * len(val_loader)
+        first = next(batches)[0]
+        started = time.perf_counter()
+        batch_probabilities(model.eval(), first, run.device, tta, channels_last)
+        per_batch, started, timed = time.perf_counter() - started, time.perf_counter(), 0  # one batch: its own
+        for images, _ in itertools.islice(batches, 2):
+            batch_probabilities(model, images, run.device, tta, channels_last)
+            timed += 1
+    if timed:
+        per_batch = (time.perf_counter() - started) / timed
+    return per_batch * len(val_loader)
 
 
 def steps_that_fit(seconds_left: float, pace: float, validation: float, done: int, steps_per_epoch: int) -> int:
@@ -369,16 +380,20 @@ class Budget:
     run: Run
     schedule: LinearToZero
     steps_per_epoch: int
-    validation: float  # seconds per validation pass
+    validation: float  # seconds per validation pass, estimated
     taken: int = 0  # steps by this process (run.network_steps counts those of a resumed run's before too)
     timed_from: float = 0.0
+    last_step: float | None = None  # when this process's last step ended
+    epoch_ends: list[float] = field(default_factory=list)  # seconds from an epoch's last step to the next's first batch
 
     def spent(self) -> bool:
         return self.run.network_steps >= self.schedule.total
 
     def batches(self, loader):
         """The loader's batches until the planned steps are taken."""
-        for batch in loader:
+        for index, batch in enumerate(loader):
+            if index == 0 and self.last_step is not None:
+                self.epoch_ends.append(time.perf_counter() - self.last_step)
             if self.spent():
                 return
             yield batch
@@ -388,17 +403,25 @@ class Budget:
         self.taken += 1
         if self.taken == 1:
             self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
-        elif self.taken == 1 + PACE_STEPS and self.schedule.start == 0:
-            now = time.perf_counter()
-            world = self.run.world_size
-            pace, left, validation = (v / world for v in sum_over_processes(
-                (now - self.timed_from) / PACE_STEPS, self.run.params.train.time_budget - (now - self.run.started),
-                self.validation))
-            done = self.run.network_steps
-            planned = steps_that_fit(left, pace, validation, done, self.steps_per_epoch)
-            self.schedule.plan(done, planned)
-            log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s a validation: %d more steps, the "
-                     "learning rate falling to zero at the last", left, pace, validation, planned - done)
+        elif self.taken == 1 + PACE_STEPS and not self.schedule.planned:
+            self.plan()
+        self.last_step = time.perf_counter()
+
+    def plan(self) -> None:
+        # On a split of a few batches, epochs end while the pace is timed: what they took (validation,
+        # records, checkpoint) is the cost of an epoch end, and is not part of the pace.
+        now = time.perf_counter()
+        ends = sum(self.epoch_ends)
+        validation = ends / len(self.epoch_ends) if self.epoch_ends else self.validation
+        world = self.run.world_size
+        pace, left, validation = (v / world for v in sum_over_processes(
+            (now - self.timed_from - ends) / PACE_STEPS, self.run.params.train.time_budget - (now - self.run.started),
+            validation))
+        done = self.run.network_steps
+        planned = steps_that_fit(left, pace, validation, done, self.steps_per_epoch)
+        self.schedule.plan(planned)
+        log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s an epoch end: %d more steps, the "
+                 "learning rate falling to zero at the last", left, pace, validation, planned - done)
 
 
 # --- the phases, with their records ----------------------------------------------------------
