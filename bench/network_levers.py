@@ -12,9 +12,13 @@ not improve), and the setting's overrides of params.yaml:
 - lr x 1/3:        the backbone (and the head under it) at a third of the default's learning rate;
 - lr x 1/3, cosine: and no warm-up: the rate falls from its peak (one-cycle peaks inside epoch 1;
                    train.scheduler is the head phase's too, so the head changes a little);
-- lr x 1/3, crops 0.5-1: and gentler zoom (the random crops keep half the image or more).
-It prints the head's best val accuracy, the val accuracy after each network epoch (scored as
-the train stage scores it: at the backbone's input size), and the last network epoch's val
+- lr x 1/3, crops 0.5-1: and gentler zoom (the random crops keep half the image or more);
+- layer decay 0.1: the default's rate for the backbone's last layers, falling geometrically to a
+                   tenth of it at the first (train.layer_decay), so that the generic early
+                   features move least.
+`--settings` picks some of them (comma-separated names). It prints the head's best val accuracy,
+the val accuracy after each network epoch (scored as the train stage scores it: at
+train.eval_size), and the last network epoch's val
 accuracy at smaller evaluation sizes (the resize and crop scaled together), which is where a
 train/test resolution discrepancy (Touvron et al., "Fixing the train-test resolution
 discrepancy", NeurIPS 2019) would show. Writes bench/results/network_levers.md and the
@@ -48,6 +52,7 @@ SETTINGS = {
     "lr x 1/3": {"backbone_lr_mult": 0.1},
     "lr x 1/3, cosine": {"backbone_lr_mult": 0.1, "scheduler": "cosine"},
     "lr x 1/3, crops 0.5-1": {"backbone_lr_mult": 0.1, "crop_scale": (0.5, 1.0)},
+    "layer decay 0.1": {"layer_decay": 0.1},
 }
 EVAL_SIZES = (160, 192, 224)  # beside the backbone's own
 
@@ -93,8 +98,8 @@ def val_at_sizes(checkpoint, state: dict) -> dict[int, float]:
 def table(rows: list[dict], input_size: dict[str, int]) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.network_levers` (one run; "
              "strategy finetune, 30 head epochs then the network's; val accuracy, the test split unread). "
-             "Epochs 1-3: after each network epoch, at the backbone's input size; then the third at smaller "
-             "evaluation sizes.", "",
+             f"Epochs 1-3: after each network epoch, at train.eval_size ({load_params().train.eval_size or 'the "
+             "backbone's input size'} px); then the third at each evaluation size.", "",
              "| archive | setting | head (best) | epoch 1 | epoch 2 | epoch 3 | "
              + " | ".join(f"epoch 3 at {s} px" for s in EVAL_SIZES) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(EVAL_SIZES)]
@@ -108,13 +113,15 @@ def table(rows: list[dict], input_size: dict[str, int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--archives", default="trashnet,blood_cells")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
     args = parser.parse_args()
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
     rows, input_size = [], {}
     with restored_workspace():
         for name in args.archives.split(","):
             run_on_archive(SHARED / f"{name}.zip", targets=["features"])
             input_size[name] = read_pretrained(PRETRAINED)["preprocessing"]["input_size"]
-            for setting, overrides in SETTINGS.items():
+            for setting, overrides in settings.items():
                 head, network, sizes = train_with(overrides)
                 rows.append({"archive": name, "setting": setting, "head": head, "network": network, "sizes": sizes})
                 print(f"{name} {setting}: head {head:.3f}, network {[round(v, 3) for v in network]}, "

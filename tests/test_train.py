@@ -593,3 +593,17 @@ def test_a_temperature_is_fitted_only_on_enough_val_images(tiny_project, monkeyp
     assert negative_log_likelihood(softmax(log_probs / model.temperature), labels) <= \
         negative_log_likelihood(probs, labels)
     assert json.loads((root / "metrics/train/metrics.json").read_text())["temperature_fitted"] is True
+
+
+def test_layer_decay_lowers_the_rate_of_early_layers_geometrically():
+    from stages.lib.training import backbone_groups
+
+    backbone = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)])  # 16 tensors, 2 per eighth
+    backbone[0].bias.requires_grad_(False)
+    groups = backbone_groups(backbone, 0.01, 0.1)
+    rates = [g["lr"] for g in groups]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert np.allclose(np.diff(np.log10(rates)), -1 / 7)  # one step of 0.1 ** (1/7) per eighth, deepest first
+    assert groups[0]["params"] == [backbone[7].weight, backbone[7].bias]
+    assert groups[-1]["params"] == [backbone[0].weight]  # frozen weights are left out
+    assert [g["lr"] for g in backbone_groups(backbone, 0.01, 1.0)] == [0.01] * 8

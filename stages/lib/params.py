@@ -141,6 +141,7 @@ class TrainParams(Strict):
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: PositiveFloat
     backbone_lr_mult: Annotated[Number, Field(gt=0, le=1)]
+    layer_decay: Annotated[Number, Field(gt=0, le=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     weight_decay: Annotated[Number, Field(ge=0)]
     scheduler: Literal["step", "cosine", "onecycle", "none"]

@@ -269,13 +269,29 @@ def network_loaders(run: Run, prep: Preprocessing) -> tuple[EpochSampler, object
             make_loader(val_set, settings.batch_size, None, settings.workers, pin, settings.seed))
 
 
+def backbone_groups(backbone: nn.Module, lr: float, layer_decay: float, buckets: int = 8) -> list[dict]:
+    """The backbone's trainable weights as parameter groups whose rate grows geometrically with
+    depth (the weight tensors in layer order, cut in eighths): the last eighth at `lr` (listed
+    first: the records log the first group's rate), the first at `lr * layer_decay`. Early layers
+    hold the generic features that transfer, so they should move least (layer-wise learning-rate
+    decay, as BEiT and timm's fine-tuning use); eight steps rather than a group per tensor keep the
+    optimizer's foreach kernels few."""
+    weights = list(backbone.parameters())
+    grouped: list[list[nn.Parameter]] = [[] for _ in range(buckets)]
+    for position, weight in enumerate(weights):
+        if weight.requires_grad:
+            grouped[position * buckets // len(weights)].append(weight)
+    return [{"params": group, "lr": lr * layer_decay ** ((buckets - 1 - k) / (buckets - 1))}
+            for k, group in reversed(list(enumerate(grouped))) if group]
+
+
 def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoch: int,
                          resume: dict | None) -> Optimization:
     """The backbone and the head as two groups at the plan's learning rates; as they were when
     resuming."""
     settings = run.params.train
-    groups = [{"params": [w for w in model.backbone.parameters() if w.requires_grad], "lr": plan.backbone_lr},
-              {"params": model.head.parameters(), "lr": plan.head_lr}]
+    groups = backbone_groups(model.backbone, plan.backbone_lr, settings.layer_decay)
+    groups.append({"params": list(model.head.parameters()), "lr": plan.head_lr})
     optimizer = build_optimizer(groups, settings)
     if settings.time_budget is None:
         scheduler = build_scheduler(optimizer, settings, steps_per_epoch, settings.epochs)
