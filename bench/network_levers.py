@@ -98,8 +98,8 @@ def val_at_sizes(checkpoint, state: dict) -> dict[int, float]:
 def table(rows: list[dict], input_size: dict[str, int]) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.network_levers` (one run; "
              "strategy finetune, 30 head epochs then the network's; val accuracy, the test split unread). "
-             f"Epochs 1-3: after each network epoch, at train.eval_size ({load_params().train.eval_size or 'the "
-             "backbone's input size'} px); then the third at each evaluation size.", "",
+             f"Epochs 1-3: after each network epoch, at train.eval_size ({load_params().train.eval_size} px); "
+             "then the third at each evaluation size.", "",
              "| archive | setting | head (best) | epoch 1 | epoch 2 | epoch 3 | "
              + " | ".join(f"epoch 3 at {s} px" for s in EVAL_SIZES) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(EVAL_SIZES)]

@@ -61,12 +61,20 @@ class LinearToZero:
             return self.start
         if step < self.warm:
             return self.start + (1 - self.start) * step / self.warm
-        return max(0.0, (self.total - step) / max(1, self.total - self.warm))
+        # from the last (re)plan's step and factor, linearly to zero at the last step
+        return max(0.0, self.from_factor * (self.total - step) / max(1, self.total - self.from_step))
 
     def plan(self, total: int) -> None:
         self.shape(total)
         self.planned = True
 
+    def replan(self, total: int, step: int) -> None:
+        """After the warm-up, a new last step: the rate falls on from where it is at `step` (no jump),
+        linearly to zero at `total`."""
+        self.from_factor, self.from_step = self(step), step
+        self.total = max(step + 1, total)
+
     def shape(self, total: int) -> None:
         self.total = max(1, total)
         self.warm = max(1, round(self.total * self.warmup))
+        self.from_step, self.from_factor = self.warm, 1.0

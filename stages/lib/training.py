@@ -390,8 +390,8 @@ def steps_that_fit(seconds_left: float, pace: float, validation: float, done: in
 class Budget:
     """Watches the network phase's steps (run.network_steps); after the first few it plans how many
     fit in what is left of train.time_budget (at the pace measured, with every validation they
-    bring), and lets the learning rate fall to zero at the last of them (until then, the schedule's end is train.epochs'
-    steps). Every process of a distributed run plans from the same (averaged) figures, so all stop
+    bring), and lets the learning rate fall to zero at the last of them (until then, the schedule's
+    end is train.epochs' steps); from the warm-up's end on it plans again at each epoch's start. Every process of a distributed run plans from the same (averaged) figures, so all stop
     at the same step. A resumed run keeps the plan it made (the scheduler's state holds it)."""
     run: Run
     schedule: LinearToZero
@@ -401,6 +401,7 @@ class Budget:
     timed_from: float = 0.0
     last_step: float | None = None  # when this process's last step ended
     epoch_ends: list[float] = field(default_factory=list)  # seconds from an epoch's last step to the next's first batch
+    planned_at_ends: int = -1  # len(epoch_ends) when last planned; -1: not re-planned since the warm-up
 
     def spent(self) -> bool:
         return self.run.network_steps >= self.schedule.total
@@ -421,6 +422,11 @@ class Budget:
             self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
         elif self.taken == 1 + PACE_STEPS and not self.schedule.planned:
             self.plan()
+        elif (self.taken > 1 + PACE_STEPS and self.schedule.planned and self.run.network_steps >= self.schedule.warm
+              and len(self.epoch_ends) > self.planned_at_ends):
+            # A few steps' pace can be a third off (the loader's workers filling up, a neighbour's
+            # load): from the warm-up's end on, each epoch's start plans again on every step timed.
+            self.plan()
         self.last_step = time.perf_counter()
 
     def plan(self) -> None:
@@ -431,11 +437,15 @@ class Budget:
         validation = ends / len(self.epoch_ends) if self.epoch_ends else self.validation
         world = self.run.world_size
         pace, left, validation = (v / world for v in sum_over_processes(
-            (now - self.timed_from - ends) / PACE_STEPS, self.run.params.train.time_budget - (now - self.run.started),
-            validation))
+            (now - self.timed_from - ends) / (self.taken - 1),
+            self.run.params.train.time_budget - (now - self.run.started), validation))
         done = self.run.network_steps
         planned = steps_that_fit(left, pace, validation, done, self.steps_per_epoch)
-        self.schedule.plan(planned)
+        if self.schedule.planned:
+            self.schedule.replan(planned, done)
+            self.planned_at_ends = len(self.epoch_ends)
+        else:
+            self.schedule.plan(planned)
         log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s an epoch end: %d more steps, the "
                  "learning rate falling to zero at the last", left, pace, validation, planned - done)
 
