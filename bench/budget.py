@@ -76,7 +76,7 @@ def plot(rows: list[dict]) -> None:
     axes.set_ylabel("test accuracy")
     axes.set_title(f"What a minute buys ({machine()})", fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: the curves cross the middle
     figure.savefig(PLOT, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
