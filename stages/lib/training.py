@@ -391,8 +391,9 @@ class Budget:
     """Watches the network phase's steps (run.network_steps); after the first few it plans how many
     fit in what is left of train.time_budget (at the pace measured, with every validation they
     bring), and lets the learning rate fall to zero at the last of them (until then, the schedule's
-    end is train.epochs' steps); from the warm-up's end on it plans again at each epoch's start. Every process of a distributed run plans from the same (averaged) figures, so all stop
-    at the same step. A resumed run keeps the plan it made (the scheduler's state holds it)."""
+    end is train.epochs' steps); from the warm-up's end on it plans again at each epoch's start.
+    Every process of a distributed run plans from the same (averaged) figures, so all stop at the
+    same step. A resumed run keeps the plan it made (the scheduler's state holds it)."""
     run: Run
     schedule: LinearToZero
     steps_per_epoch: int
