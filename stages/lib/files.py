@@ -92,9 +92,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as error:
+    except BaseException as error:  # a stop that got through must not leave Ctrl-C and SIGTERM blocked
         release_stops(previous)
-        raise unwritable(target, error) from None
+        if isinstance(error, OSError):
+            raise unwritable(target, error) from None
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -150,9 +152,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as error:
+    except BaseException as error:  # a stop that got through must not leave Ctrl-C and SIGTERM blocked
         release_stops(previous)
-        raise unwritable(target, error) from None
+        if isinstance(error, OSError):
+            raise unwritable(target, error) from None
+        raise
     try:
         release_stops(previous)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
