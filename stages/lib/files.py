@@ -7,21 +7,14 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import signal
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from stages.lib.cli import UserError
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_torch_atomic(target: Path, obj: Any) -> None:
@@ -70,39 +63,33 @@ def unwritable(target: Path, error: OSError) -> UserError:
                      "make that folder writable, or run where it is")
 
 
-STOPS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and SIGTERM, which the train stage turns into Ctrl-C
+def temporary_beside(target: Path, suffix: str) -> Path:
+    """A fresh hidden name beside `target`: 64 random bits, so no two writers share one."""
+    return target.parent / f".{target.name}.{secrets.token_hex(8)}{suffix}"
 
 
-def hold_stops():
-    """Make Ctrl-C and SIGTERM wait (where the platform can); release_stops(what this returns)
-    lets them through. A stop between creating a temporary file and the `try` that removes it
-    would leave the file behind: the writers below hold stops until that `try` has begun."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, STOPS) if hasattr(signal, "pthread_sigmask") else None
+def create_file(path: Path) -> None:
+    # 0o666 through the umask: outputs are as readable as any file the user makes
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
-def release_stops(previous) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def create_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)
 
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
-    previous = hold_stops()
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
+    The temporary file is made inside the `try` that removes it, so a Ctrl-C at any moment
+    leaves nothing behind."""
+    tmp = temporary_beside(target, ".tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except BaseException as error:  # a stop that got through must not leave Ctrl-C and SIGTERM blocked
-        release_stops(previous)
-        if isinstance(error, OSError):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            create_file(tmp)
+        except OSError as error:
             raise unwritable(target, error) from None
-        raise
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        release_stops(previous)
         yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs are not
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -148,24 +135,23 @@ def write_csv_atomic(target: Path, table) -> None:
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it becomes `target`."""
-    previous = hold_stops()
+    tmp = temporary_beside(target, ".tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except BaseException as error:  # a stop that got through must not leave Ctrl-C and SIGTERM blocked
-        release_stops(previous)
-        if isinstance(error, OSError):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            create_dir(tmp)
+        except OSError as error:
             raise unwritable(target, error) from None
-        raise
-    try:
-        release_stops(previous)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make outputs private
         yield tmp
         if target.exists():
             # Move the old tree aside first so that `target` is never a mix of old and new.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "tree")
-            os.replace(tmp, target)
+            old = temporary_beside(target, ".old")
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
