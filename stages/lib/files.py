@@ -92,7 +92,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # unlink on a read-only folder fails even for a name that is not there
+            tmp.unlink()
 
 
 def write_text_atomic(target: Path, text: str) -> None:
