@@ -287,8 +287,8 @@ def backbone_groups(backbone: nn.Module, lr: float, layer_decay: float, buckets:
 
 def network_optimization(model: Classifier, run: Run, plan: Plan, steps_per_epoch: int,
                          resume: dict | None) -> Optimization:
-    """The backbone and the head as two groups at the plan's learning rates; as they were when
-    resuming."""
+    """The backbone's parameter groups (one, or eighths by depth under train.layer_decay) and the
+    head's, at the plan's learning rates; as they were when resuming."""
     settings = run.params.train
     groups = backbone_groups(model.backbone, plan.backbone_lr, settings.layer_decay)
     groups.append({"params": list(model.head.parameters()), "lr": plan.head_lr})
@@ -423,10 +423,11 @@ class Budget:
             self.timed_from = time.perf_counter()  # the first step pays for start-up: the pace is timed after it
         elif self.taken == 1 + PACE_STEPS and not self.schedule.planned:
             self.plan()
-        elif (self.taken > 1 + PACE_STEPS and self.schedule.planned and self.run.network_steps >= self.schedule.warm
-              and len(self.epoch_ends) > self.planned_at_ends):
+        elif (self.taken > 1 + PACE_STEPS and self.schedule.planned and not self.spent()
+              and self.run.network_steps >= self.schedule.warm and len(self.epoch_ends) > self.planned_at_ends):
             # A few steps' pace can be a third off (the loader's workers filling up, a neighbour's
             # load): from the warm-up's end on, each epoch's start plans again on every step timed.
+            # Not once the plan is spent: the rate is at zero there, and would stay at zero.
             self.plan()
         self.last_step = time.perf_counter()
 
