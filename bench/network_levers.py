@@ -16,11 +16,11 @@ not improve), and the setting's overrides of params.yaml:
 - layer decay 0.1: the default's rate for the backbone's last layers, falling geometrically to a
                    tenth of it at the first (train.layer_decay), so that the generic early
                    features move least.
-- last 3/4, 192 px, 4 epochs: only the last three quarters of the backbone's weights train
+- last 3/4 at 192 px for 4 epochs: only the last three quarters of the backbone's weights train
                    (train.trainable_fraction; the early layers run forward only), which makes a
                    step about 1.5x cheaper (bench.network_speed), spent on larger crops and an
                    epoch more; scored at 224 px;
-- last 3/4, 5 epochs: the same saving spent on two more epochs at the default's 160 px.
+- last 3/4 for 5 epochs: the same saving spent on two more epochs at the default's 160 px.
 `--settings` picks some of them (comma-separated names). It prints the head's best val accuracy,
 the val accuracy after each network epoch (scored as the train stage scores it: at
 train.eval_size), and the last network epoch's val
@@ -59,8 +59,8 @@ SETTINGS = {
     "lr x 1/3, cosine": {"backbone_lr_mult": 0.1, "scheduler": "cosine"},
     "lr x 1/3, crops 0.5-1": {"backbone_lr_mult": 0.1, "crop_scale": (0.5, 1.0)},
     "layer decay 0.1": {"layer_decay": 0.1},
-    "last 3/4, 192 px, 4 epochs": {"trainable_fraction": 0.75, "image_size": 192, "eval_size": 224, "epochs": 4},
-    "last 3/4, 5 epochs": {"trainable_fraction": 0.75, "epochs": 5},
+    "last 3/4 at 192 px for 4 epochs": {"trainable_fraction": 0.75, "image_size": 192, "eval_size": 224, "epochs": 4},
+    "last 3/4 for 5 epochs": {"trainable_fraction": 0.75, "epochs": 5},
 }
 EVAL_SIZES = (160, 192, 224)  # beside the backbone's own
 
