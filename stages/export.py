@@ -5,7 +5,10 @@ Writes models/export/ with
                batch scaled to 0..1 and normalised with the sidecar's mean and std in, class
                probabilities (temperature and softmax included) out;
 - model.json:  what a caller needs: class names in output order, input size, resize size,
-               normalisation mean and std, interpolation, and the input and output names.
+               normalisation mean and std, interpolation, and the input and output names;
+- predict.py, images.py, requirements.txt, README.md: a predictor that needs only onnxruntime,
+               numpy and pillow (lib/serve.py and the pipeline's own decoding, lib/images.py),
+               so the folder alone classifies images: `python predict.py PATH...`.
 No TorchScript: torch has deprecated it, ONNX runs in every serving runtime, and a PyTorch user
 has models/model.safetensors (docs/model.md).
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import run_stage
 from stages.lib.export import MODEL_JSON, export_backbone, join_with_head, reusable_backbone_export, sidecar
+from stages.lib.export_folder import write_predictor
 from stages.lib.files import atomic_dir, write_json_atomic
 from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, MODEL
 
@@ -42,7 +46,8 @@ def main() -> None:
             export_backbone(checkpoint.classifier().backbone, checkpoint.preprocessing.input_size, backbone_folder)
         join_with_head(backbone_folder, checkpoint.head_layers(), checkpoint.temperature, tmp)
         write_json_atomic(tmp / MODEL_JSON, sidecar(checkpoint))
-    log.info("%s (epoch %d) exported to %s: model.onnx, model.json",
+        write_predictor(tmp)
+    log.info("%s (epoch %d) exported to %s: model.onnx, model.json, predict.py (python predict.py PATH...)",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
+import pandas as pd
 import pytest
 import torch
 
@@ -26,6 +29,7 @@ from stages.lib.preprocessing import Preprocessing
 from tests.conftest import train_with_library
 
 FIXTURES = Path(__file__).parent / "fixtures"
+FOLDER = ["README.md", "images.py", "model.json", "model.onnx", "predict.py", "requirements.txt"]
 
 
 def real_photos(prep: Preprocessing) -> torch.Tensor:
@@ -42,7 +46,7 @@ def pytorch_probabilities(checkpoint: Checkpoint, images: torch.Tensor) -> np.nd
 def check_exports_match_pytorch(root: Path, images: torch.Tensor | None = None) -> None:
     """model.onnx in models/export gives the checkpoint's probabilities (PyTorch) within 1e-4."""
     folder = root / "models/export"
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == FOLDER
     side = json.loads((folder / "model.json").read_text())
     prep = Preprocessing(side["input_size"], side["resize_size"], tuple(side["mean"]), tuple(side["std"]),
                          side["interpolation"])
@@ -120,7 +124,7 @@ def test_the_export_is_the_same_bytes_whatever_the_hash_seed(trained_copy):
                                   env=dict(os.environ, PYTHONHASHSEED=seed))
             assert done.returncode == 0, done.stderr
         exported.append({p.name: p.read_bytes() for p in sorted((root / "models/export").iterdir())})
-    assert exported[0] == exported[1] and set(exported[0]) == {"model.json", "model.onnx"}
+    assert exported[0] == exported[1] and sorted(exported[0]) == FOLDER
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -155,3 +159,101 @@ def test_a_model_on_the_pretrained_backbone_is_evaluated_and_exported_without_to
         assert "stages.lib.checkpoint" in imported and "torch" not in imported, stage
     assert (root / "metrics/eval.json").is_file()
     check_exports_match_pytorch(root)
+
+
+# --- the exported folder's own predictor (lib/serve.py), without torch -------------------------
+
+def awkward_images(folder: Path) -> list[Path]:
+    """The fixtures' photos and images as people have them: a phone photo turned by its EXIF
+    orientation, a 16-bit PNG, a transparent PNG, a tiny one, a panorama, a grey one."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for fixture in sorted(FIXTURES.glob("*.jpg")):
+        (folder / fixture.name).write_bytes(fixture.read_bytes())
+    photo = Image.open(folder / "ant_0.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    photo.save(folder / "phone.jpg", exif=exif, quality=90)
+    Image.fromarray(rng.integers(0, 65535, (90, 70), dtype=np.uint16)).save(folder / "wide16.png")
+    rgba = rng.integers(0, 255, (60, 80, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(80) < 40, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(folder / "transparent.png")
+    Image.fromarray(rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)).save(folder / "tiny.png")
+    photo.resize((900, 120)).save(folder / "panorama.jpg")
+    photo.convert("L").save(folder / "grey.jpg")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_folder_prepares_images_exactly_as_the_pipeline_does(tmp_path, interpolation):
+    from stages.lib import serve
+
+    for prep in (Preprocessing(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation),
+                 Preprocessing(45, 51, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), interpolation)):
+        side = {**prep.to_dict()}
+        for path in awkward_images(tmp_path / "images"):
+            image = load_image(path, prep.resize_size)  # one decoding, shipped as the folder's images.py
+            expected = eval_transform(prep)(image).numpy()
+            np.testing.assert_allclose(serve.prepare(image, side), expected, atol=2e-6, rtol=0, err_msg=path.name)
+
+
+@pytest.fixture(scope="session")
+def predictor_venv(tmp_path_factory) -> Path:
+    """A virtual environment with the exported folder's requirements alone: no torch, no project."""
+    from stages.lib.export_folder import PREDICTOR_REQUIREMENTS
+
+    venv = tmp_path_factory.mktemp("predictor") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           *PREDICTOR_REQUIREMENTS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return venv / "bin/python"
+
+
+@pytest.mark.slow  # a virtual environment, then the export stages
+def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_copy, predictor_venv, tmp_path):
+    from stages import predict
+
+    root = trained_copy
+    for python_without in ("torch", "stages"):
+        assert subprocess.run([str(predictor_venv), "-c", f"import {python_without}"], capture_output=True,
+                              cwd=tmp_path).returncode != 0
+    model = root / "models/model.safetensors"
+    save_checkpoint(model, replace(read_checkpoint(model), temperature=0.6, tta="hflip"))  # both applied
+    export_backbone.main()
+    export.main()
+    shipped = tmp_path / "shipped"  # the folder alone, elsewhere, as `dvc artifacts get` gives it
+    shipped.mkdir()
+    for name in FOLDER:
+        shipped.joinpath(name).write_bytes((root / "models/export" / name).read_bytes())
+    images = tmp_path / "to_classify"
+    awkward_images(images)
+    (images / "broken.jpg").write_bytes(b"not an image")
+
+    done = subprocess.run([str(predictor_venv), str(shipped / "predict.py"), str(images), "--out", "-",
+                           "--top-k", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # one file unreadable
+    assert re.fullmatch(r"14 images classified, 1 unreadable, in [\d.]+ s \([\d.]+ images/s\); wrote standard "
+                        r"output", done.stderr.strip()), done.stderr
+    deployed = pd.read_csv(io.StringIO(done.stdout), keep_default_na=False)
+    assert predict.main([str(images), "--out", "torch.csv", "--top-k", "2", "--workers", "0"]) == 1
+    pytorch = pd.read_csv(root / "torch.csv", keep_default_na=False)
+    assert list(deployed.columns) == list(pytorch.columns) and deployed.path.tolist() == pytorch.path.tolist()
+    good = deployed.error == ""
+    broken = deployed.error[deployed.path.str.endswith("broken.jpg")].item()
+    assert good.sum() == 14 and "UnidentifiedImageError" in broken
+    assert deployed.predicted[good].tolist() == pytorch.predicted[good].tolist()
+    for column in ("probability", "top1_probability", "top2_probability"):
+        np.testing.assert_allclose(deployed[column][good].astype(float), pytorch[column][good].astype(float),
+                                   atol=1e-4, rtol=0)
+    # The project's own command on the folder runs the same code: the same table
+    assert predict.main([str(images), "--out", "onnx.csv", "--top-k", "2", "--engine", "onnx"]) == 1
+    assert (root / "onnx.csv").read_text() == done.stdout
+    # No INT8 model shipped: asking for it is one line naming the file
+    done = subprocess.run([str(predictor_venv), str(shipped / "predict.py"), str(images), "--int8"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: {shipped / 'model.int8.onnx'}: not in the export (INT8 is shipped only when it keeps the fp32 "
+        "model's test accuracy: model.json's int8 says why)"]

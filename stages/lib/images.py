@@ -1,4 +1,7 @@
-"""Image files: which names are images, decoding one for a network, and checking one fully."""
+"""Image files: which names are images, decoding one for a network, and checking one fully.
+
+numpy and pillow alone at import: the export stage ships this file in the exported folder, whose
+predict.py decodes images exactly as the pipeline does."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
@@ -127,6 +129,8 @@ def disable_pil_pixel_limit() -> None:
 
 def inspect_files(paths: list[Path], max_pixels: int, workers: int) -> Iterable[tuple[str, int, int, str]]:
     """inspect_file for each path, in order, in `workers` processes."""
+    from tqdm import tqdm
+
     jobs = [(str(path), max_pixels) for path in paths]
     progress = dict(total=len(jobs), desc="validating images", unit="img", disable=None)
     if workers == 1:

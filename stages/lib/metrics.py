@@ -7,8 +7,6 @@ third of the evaluate stage's time in a frozen experiment.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -147,28 +145,3 @@ def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataF
     for i, name in enumerate(classes):
         table[f"prob_{name}"] = probs[:, i].round(6)
     return table
-
-
-UNKNOWN = "unknown"  # predict's answer below --min-confidence
-
-
-def file_predictions_table(paths: list[Path], probs, errors: list[str], classes: list[str],
-                           top_k: int, min_confidence: float = 0.0) -> pd.DataFrame:
-    """The predict command's table: per file, the predicted class (or `unknown` when its
-    probability is below `min_confidence`) and the top-k (the recipe's \"results to pandas\"),
-    or the reason it could not be read."""
-    k = min(top_k, len(classes))
-    rows = []
-    for path, p, error in zip(paths, probs, errors):
-        row = {"path": str(path), "predicted": "", "probability": None}
-        if p is not None:
-            indices = np.argsort(-p, kind="stable")[:k]
-            values = p[indices]
-            sure = float(values[0]) >= min_confidence
-            row.update(predicted=classes[indices[0]] if sure else UNKNOWN, probability=round(float(values[0]), 6))
-            for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
-                row[f"top{rank}_class"], row[f"top{rank}_probability"] = classes[index], round(value, 6)
-        rows.append({**row, "error": error})
-    columns = ["path", "predicted", "probability"]
-    columns += [f"top{r}_{what}" for r in range(1, k + 1) for what in ("class", "probability")] + ["error"]
-    return pd.DataFrame(rows, columns=columns)

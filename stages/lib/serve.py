@@ -1,0 +1,200 @@
+"""Classify images with an exported model folder, with only onnxruntime, numpy and pillow.
+
+The export stage copies this file into models/export/ as predict.py, beside images.py (the
+pipeline's own decoding: EXIF orientation, 16-bit and transparent images) and the model:
+
+    pip install -r requirements.txt
+    python predict.py PATH... [--out predictions.csv|-] [--top-k K] [--min-confidence P] [--int8]
+
+The CSV is the project's predict command's: path, predicted class, its probability, the top-k
+classes with their probabilities and an error column (an unreadable file is listed with the
+reason and does not stop the run). Exit status 0 when every file was classified, 1 when any
+failed, 2 for bad arguments. In the project, `python -m stages.predict --engine onnx` runs this
+same code on models/export/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+try:  # in the project
+    from stages.lib.images import IMAGE_EXTENSIONS, find_images, load_image
+except ModuleNotFoundError:  # in an exported folder, beside images.py
+    from images import IMAGE_EXTENSIONS, find_images, load_image
+
+MODEL_ONNX, INT8_ONNX, MODEL_JSON = "model.onnx", "model.int8.onnx", "model.json"
+UNKNOWN = "unknown"  # the answer below --min-confidence
+INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def prepare(image: Image.Image, side: dict) -> np.ndarray:
+    """A decoded image as the model takes it (3 x size x size float32): what torchvision's Resize
+    (short side), CenterCrop, ToDtype(scale) and Normalize do to a PIL image in the pipeline."""
+    width, height = image.size
+    short, long = sorted((width, height))
+    size = side["resize_size"]
+    other = int(size * long / short)
+    new = (size, other) if width <= height else (other, size)
+    image = image.resize(new, INTERPOLATION[side["interpolation"]])
+    crop = side["input_size"]
+    left, top = int(round((new[0] - crop) / 2.0)), int(round((new[1] - crop) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32).transpose(2, 0, 1)
+    mean, std = (np.asarray(side[k], dtype=np.float32)[:, None, None] for k in ("mean", "std"))
+    return (pixels * np.float32(1 / 255) - mean) / std
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+class Model:
+    """An exported folder's model: images in, temperature-scaled class probabilities out."""
+
+    def __init__(self, folder: Path, int8: bool = False, threads: int = 0):
+        self.folder = Path(folder)
+        self.side = json.loads((self.folder / MODEL_JSON).read_text(encoding="utf-8"))
+        name = INT8_ONNX if int8 else MODEL_ONNX
+        if not (self.folder / name).is_file():
+            raise FileNotFoundError(f"{self.folder / name}: not in the export" + (
+                " (INT8 is shipped only when it keeps the fp32 model's test accuracy: model.json's int8 says why)"
+                if int8 else ""))
+        import onnxruntime  # here: the project's predict command imports this module for its table alone
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(self.folder / name), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.classes = self.side["classes"]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities of a batch of prepared images, averaged with the mirror images when
+        the model was selected so (tta hflip) as the pipeline averages them: before the temperature."""
+        run = lambda images: self.session.run([self.side["output"]["name"]],  # noqa: E731
+                                              {self.side["input"]["name"]: np.ascontiguousarray(images)})[0]
+        probs = run(batch)
+        if self.side.get("tta") != "hflip":
+            return probs
+        temperature = self.side["temperature"]
+        # The graph divides the scores by the temperature; T log p recovers them up to a constant.
+        plain = [softmax(temperature * np.log(np.maximum(p, 1e-30))) for p in (probs, run(batch[..., ::-1]))]
+        return softmax(np.log(np.maximum((plain[0] + plain[1]) / 2, 1e-12)) / temperature)
+
+    def classify(self, paths: list[Path], batch_size: int = 16) -> tuple[list, list[str]]:
+        """Probabilities per readable file (None for the others) and each file's error ("" if none)."""
+        probs, errors, batch = [None] * len(paths), [""] * len(paths), []
+
+        def flush():
+            if batch:
+                scored = self.probabilities(np.stack([image for _, image in batch]))
+                for (i, _), p in zip(batch, scored):
+                    probs[i] = p
+                batch.clear()
+
+        decode_size = self.side["resize_size"]
+        for i, path in enumerate(paths):
+            try:
+                batch.append((i, prepare(load_image(path, decode_size), self.side)))
+            except Exception as error:  # noqa: BLE001 - any unreadable file is reported in the CSV
+                errors[i] = f"{type(error).__name__}: {error}".splitlines()[0]
+            if len(batch) == batch_size:
+                flush()
+        flush()
+        return probs, errors
+
+
+def prediction_rows(paths: list, probs: list, errors: list[str], classes: list[str], top_k: int,
+                    min_confidence: float = 0.0) -> tuple[list[str], list[dict]]:
+    """The predict table's columns and rows: per file the predicted class (or `unknown` below
+    `min_confidence`) and the top-k, or the reason it could not be read."""
+    k = min(top_k, len(classes))
+    rows = []
+    for path, p, error in zip(paths, probs, errors):
+        row = {"path": str(path), "predicted": "", "probability": None}
+        if p is not None:
+            indices = np.argsort(-p, kind="stable")[:k]
+            values = p[indices]
+            sure = float(values[0]) >= min_confidence
+            row.update(predicted=classes[indices[0]] if sure else UNKNOWN, probability=round(float(values[0]), 6))
+            for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+                row[f"top{rank}_class"], row[f"top{rank}_probability"] = classes[index], round(value, 6)
+        rows.append({**row, "error": error})
+    columns = ["path", "predicted", "probability"]
+    columns += [f"top{r}_{what}" for r in range(1, k + 1) for what in ("class", "probability")] + ["error"]
+    return columns, rows
+
+
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="predict.py", description="Classify images with this exported model.")
+    parser.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write, - for standard output "
+                                                                 "(default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
+    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                        help=f"answer {UNKNOWN!r} when the top class's probability is below P (default: always answer)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--int8", action="store_true", help="the INT8 model, where the export shipped one")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads (default: 0, its choice)")
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent,
+                        help="the exported folder (default: this file's)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.threads < 0:
+        parser.error("--top-k and --batch-size must be at least 1, --threads at least 0")
+    if not 0 <= args.min_confidence <= 1:
+        parser.error("--min-confidence must be a probability, from 0 to 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        missing = [str(p) for p in args.paths if not p.exists()]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such file or folder; give image files or folders to classify")
+        paths = find_images(args.paths)
+        if not paths:
+            raise ValueError(f"{args.paths[0]}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        model = Model(args.model, args.int8, args.threads)
+        started = time.perf_counter()
+        probs, errors = model.classify(paths, args.batch_size)
+        seconds = time.perf_counter() - started
+        columns, rows = prediction_rows(paths, probs, errors, model.classes, args.top_k, args.min_confidence)
+        text = csv_text(columns, rows)
+        if args.out == "-":
+            sys.stdout.write(text)
+        else:  # whole or not at all: a temporary file beside it, then one rename
+            target = Path(args.out)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    failed = sum(bool(e) for e in errors)
+    unsure = sum(row["predicted"] == UNKNOWN for row in rows)
+    print(f"{len(paths) - failed} images classified" + (f", {unsure} {UNKNOWN}" if args.min_confidence else "")
+          + f", {failed} unreadable, in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s); wrote "
+          + ("standard output" if args.out == "-" else args.out), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
