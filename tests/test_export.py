@@ -46,7 +46,7 @@ def pytorch_probabilities(checkpoint: Checkpoint, images: torch.Tensor) -> np.nd
 def check_exports_match_pytorch(root: Path, images: torch.Tensor | None = None) -> None:
     """model.onnx in models/export gives the checkpoint's probabilities (PyTorch) within 1e-4."""
     folder = root / "models/export"
-    assert sorted(p.name for p in folder.iterdir()) == FOLDER
+    assert set(FOLDER) <= {p.name for p in folder.iterdir()} <= {*FOLDER, "model.int8.onnx"}
     side = json.loads((folder / "model.json").read_text())
     prep = Preprocessing(side["input_size"], side["resize_size"], tuple(side["mean"]), tuple(side["std"]),
                          side["interpolation"])
@@ -124,7 +124,7 @@ def test_the_export_is_the_same_bytes_whatever_the_hash_seed(trained_copy):
                                   env=dict(os.environ, PYTHONHASHSEED=seed))
             assert done.returncode == 0, done.stderr
         exported.append({p.name: p.read_bytes() for p in sorted((root / "models/export").iterdir())})
-    assert exported[0] == exported[1] and sorted(exported[0]) == FOLDER
+    assert exported[0] == exported[1] and set(FOLDER) <= set(exported[0])
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -212,11 +212,20 @@ def predictor_venv(tmp_path_factory) -> Path:
     return venv / "bin/python"
 
 
+def set_export_params(root: Path, section: str = "export", **settings) -> None:
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section].update(settings)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 @pytest.mark.slow  # a virtual environment, then the export stages
 def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_copy, predictor_venv, tmp_path):
     from stages import predict
 
     root = trained_copy
+    set_export_params(root, int8=False)
     for python_without in ("torch", "stages"):
         assert subprocess.run([str(predictor_venv), "-c", f"import {python_without}"], capture_output=True,
                               cwd=tmp_path).returncode != 0
@@ -257,3 +266,68 @@ def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_co
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"error: {shipped / 'model.int8.onnx'}: not in the export (INT8 is shipped only when it keeps the fp32 "
         "model's test accuracy: model.json's int8 says why)"]
+
+
+def test_int8_ships_within_its_tolerance_only():
+    from stages.lib.quantize import int8_verdict
+
+    assert int8_verdict(0.9, 0.896, 0.005)[0] and int8_verdict(0.9, 0.9, 0.0)[0]
+    shipped, why = int8_verdict(0.9, 0.88, 0.005)
+    assert not shipped and why == ("INT8 not shipped: its test accuracy 0.8800 is 0.0200 below fp32's 0.9000, more "
+                                   "than export.int8_tolerance 0.005; fp32 only")
+
+
+def constant_model(classes: int, size: int) -> onnx.ModelProto:
+    """An "INT8 model" that always answers the first class: the worst a quantiser could do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight, bias = np.zeros((classes, 3), np.float32), np.zeros(classes, np.float32)
+    bias[0] = 10
+    nodes = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["scores"], transB=1),
+             helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(nodes, "constant",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monkeypatch, caplog):
+    from stages.lib import serve
+
+    root = trained_copy
+    set_export_params(root, int8_tolerance=1.0)  # whatever INT8 scores: shipped
+    export_backbone.main()
+    export.main()
+    folder = root / "models/export"
+    int8 = onnx.load(str(folder / "model.int8.onnx"))
+    ops = {node.op_type for node in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised, not a renamed fp32 file
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in int8.graph.initializer)
+    side = json.loads((folder / "model.json").read_text())
+    metrics = json.loads((root / "metrics/export.json").read_text())
+    assert side["int8"]["shipped"] and metrics["int8_shipped"] == 1
+    assert metrics["fp32_test_accuracy"] == json.loads((root / "metrics/eval.json").read_text())["accuracy"] \
+        if (root / "metrics/eval.json").is_file() else 0 <= metrics["fp32_test_accuracy"] <= 1
+    # The folder's predictor scores with it when asked
+    images = sorted(FIXTURES.glob("*.jpg"))
+    probs, errors = serve.Model(folder, int8=True).classify(images)
+    assert not any(errors) and np.allclose(np.stack(probs).sum(1), 1, atol=1e-5)
+
+    # A quantiser that ruins the model (always the first class): not shipped, said in one line
+    monkeypatch.setattr(export, "quantize_int8", lambda model, target, name, images: onnx.save(
+        constant_model(len(side["classes"]), side["input_size"]), str(target)))
+    set_export_params(root, int8_tolerance=0.005)
+    with caplog.at_level("INFO"):
+        export.main()
+    assert not (folder / "model.int8.onnx").exists()
+    side = json.loads((folder / "model.json").read_text())
+    metrics = json.loads((root / "metrics/export.json").read_text())
+    assert not side["int8"]["shipped"] and metrics["int8_shipped"] == 0
+    assert metrics["int8_test_accuracy"] < metrics["fp32_test_accuracy"] - 0.005
+    assert [line for line in caplog.text.splitlines() if "INT8 not shipped" in line][0].endswith(
+        f"more than export.int8_tolerance 0.005; fp32 only; INT8 agrees with fp32 on "
+        f"{metrics['int8_agreement']:.4f} of the test images")
+    assert side["int8"]["why"].startswith("INT8 not shipped: its test accuracy")

@@ -105,7 +105,7 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
     assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "train", "evaluate",
-                                 "export_backbone", "export"]
+                                 "export_backbone", "export", "latency"]
     assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/index/summary.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
@@ -114,6 +114,8 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert set(json.loads((work / "metrics/eval.json").read_text())) == {"accuracy", "macro_f1", "ece"}
     assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy"}
     assert set(json.loads((work / "metrics/leaks.json").read_text())) == {"near_duplicates"}
+    assert {"int8_shipped", "int8_agreement"} <= set(json.loads((work / "metrics/export.json").read_text()))
+    assert "onnx_fp32_latency_ms_median" in json.loads((work / "metrics/latency.json").read_text())
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
     again = output(["dvc", "repro"], work, env)
     assert stages_run(again) == ["check"] and "didn't change, skipping" in again
@@ -124,7 +126,7 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     # A train param reruns train and what follows; a frozen model reuses the features and the
     # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
     experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check", "train", "evaluate", "export"]
+    assert stages_run(experiment) == ["check", "train", "evaluate", "export", "latency"]
     assert "cached test features" in experiment and "joining its export" in experiment
     # A speed setting of evaluate does not retrain.
     experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
@@ -305,4 +307,5 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     assert (fetched / "model.safetensors").read_bytes() == (work / "models/model.safetensors").read_bytes()
     run(["git", "tag", "-a", "image-classifier-export@v1.0.0", "-m", "export v1.0.0"], work, env)
     run(["dvc", "artifacts", "get", str(work), "image-classifier-export", "-o", "export"], fetched, env)  # the latest
-    assert sorted(p.name for p in (fetched / "export").iterdir()) == ["model.json", "model.onnx"]
+    assert {"model.json", "model.onnx", "predict.py", "images.py", "requirements.txt"} <= {
+        p.name for p in (fetched / "export").iterdir()}

@@ -23,6 +23,7 @@ from stages.lib.checkpoint import Checkpoint
 from stages.lib.head import Layers
 
 INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "image", "features", "probabilities"
+HEAD_PREFIX = "head_"
 ONNX_OPSET = 17
 BACKBONE_ONNX, BACKBONE_JSON = "backbone.onnx", "backbone.json"
 MODEL_ONNX, MODEL_JSON = "model.onnx", "model.json"
@@ -45,20 +46,21 @@ def export_backbone(backbone, input_size: int, folder: Path) -> None:
 
 def head_graph(layers: Layers, temperature: float) -> onnx.ModelProto:
     """features -> probabilities: the head's Linear layers (a Relu between two), the class scores
-    divided by the temperature, then a softmax; what lib/head.py computes, batch size dynamic."""
+    divided by the temperature, then a softmax; what lib/head.py computes, batch size dynamic.
+    Its nodes' names start with HEAD_PREFIX (INT8 keeps them in float)."""
     nodes, weights, current = [], [], FEATURES_NAME
     for i, (weight, bias) in enumerate(layers):
         if i:
-            nodes.append(helper.make_node("Relu", [current], [f"head_relu_{i}"]))
+            nodes.append(helper.make_node("Relu", [current], [f"head_relu_{i}"], name=f"head_relu_{i}"))
             current = f"head_relu_{i}"
         weights += [numpy_helper.from_array(weight.astype(np.float32), f"head_weight_{i}"),
                     numpy_helper.from_array(bias.astype(np.float32), f"head_bias_{i}")]
         nodes.append(helper.make_node("Gemm", [current, f"head_weight_{i}", f"head_bias_{i}"], [f"head_scores_{i}"],
-                                      transB=1))
+                                      name=f"head_gemm_{i}", transB=1))
         current = f"head_scores_{i}"
     weights.append(numpy_helper.from_array(np.array(temperature, dtype=np.float32), "temperature"))
-    nodes += [helper.make_node("Div", [current, "temperature"], ["head_scaled"]),
-              helper.make_node("Softmax", ["head_scaled"], [OUTPUT_NAME], axis=1)]
+    nodes += [helper.make_node("Div", [current, "temperature"], ["head_scaled"], name="head_temperature"),
+              helper.make_node("Softmax", ["head_scaled"], [OUTPUT_NAME], name="head_softmax", axis=1)]
     width, classes = layers[0][0].shape[1], layers[-1][0].shape[0]
     inputs = [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", width])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])]
@@ -73,6 +75,13 @@ def join_with_head(backbone_folder: Path, layers: Layers, temperature: float, fo
     head = head_graph(layers, temperature)
     head.ir_version = backbone.ir_version  # merging asks for one IR version; the exporter's is the older
     joined = onnx.compose.merge_models(backbone, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])
+    # merge_models lists the default domain once per part: one entry per domain, as the spec (and
+    # ONNX Runtime's quantiser) expects
+    opsets: dict[str, int] = {}
+    for opset in joined.opset_import:
+        opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    del joined.opset_import[:]
+    joined.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
     onnx.save(joined, str(folder / MODEL_ONNX))
 
 

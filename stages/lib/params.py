@@ -170,6 +170,16 @@ class EvaluateParams(Strict):
     grid_images: Annotated[StrictInt, Field(ge=1, le=64)]
 
 
+class ExportParams(Strict):
+    int8: StrictBool
+    calibration_images: Annotated[StrictInt, Field(ge=1)]
+    int8_tolerance: Annotated[Number, Field(ge=0, le=1)]
+
+
+class LatencyParams(Strict):
+    runs: Annotated[StrictInt, Field(ge=1)]
+
+
 class Params(Strict):
     strategy: Literal["auto", "frozen", "finetune", "scratch"]
     data: DataParams
@@ -180,6 +190,8 @@ class Params(Strict):
     leaks: LeaksParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
+    latency: LatencyParams
 
     @model_validator(mode="after")
     def strategy_has_epochs(self) -> "Params":

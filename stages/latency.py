@@ -1,0 +1,47 @@
+"""Stage `latency`: how fast the shipped model runs on this machine.
+
+Writes metrics/latency.json: for PyTorch fp32 (the checkpoint), ONNX Runtime fp32 (model.onnx)
+and ONNX Runtime INT8 (model.int8.onnx, when the export shipped it), the batch-1 latency
+(median and p90 of latency.runs runs after a warm-up) and the images per second in batches of 32,
+with the thread count used (one per core this process may run on). The figures are this
+machine's: they compare the engines here, not machines; `dvc metrics diff` between runs on one
+machine shows what a change of backbone or INT8 buys. Its own stage, so that the export stays
+torch-free and `dvc repro export` skips the timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from stages.lib.checkpoint import read_checkpoint
+from stages.lib.cli import run_stage
+from stages.lib.files import write_json_atomic
+from stages.lib.latency import engine_speed, onnx_runner, torch_runner
+from stages.lib.params import load_params
+from stages.lib.paths import EXPORT_DIR, LATENCY_METRICS, MODEL
+from stages.lib.serve import INT8_ONNX, MODEL_ONNX
+
+log = logging.getLogger("latency")
+
+
+def main() -> None:
+    runs = load_params().latency.runs
+    checkpoint = read_checkpoint(MODEL)
+    size = checkpoint.preprocessing.input_size
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    speed = {"threads": threads, "input_size": size}
+    speed.update(engine_speed("torch_fp32", torch_runner(checkpoint, threads), size, runs))
+    speed.update(engine_speed("onnx_fp32", onnx_runner(EXPORT_DIR / MODEL_ONNX, threads), size, runs))
+    if (EXPORT_DIR / INT8_ONNX).is_file():
+        speed.update(engine_speed("onnx_int8", onnx_runner(EXPORT_DIR / INT8_ONNX, threads), size, runs))
+    write_json_atomic(LATENCY_METRICS, speed)
+    engines = [name for name in ("torch_fp32", "onnx_fp32", "onnx_int8") if f"{name}_latency_ms_median" in speed]
+    log.info("batch-1 latency (median, %d threads): %s; %s (%s)", threads,
+             ", ".join(f"{name} {speed[f'{name}_latency_ms_median']:.1f} ms" for name in engines),
+             ", ".join(f"{name} {speed[f'{name}_images_per_s_batch32']:.0f} images/s" for name in engines),
+             LATENCY_METRICS)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,60 @@
+"""How fast the shipped model runs on this machine: batch-1 latency and batch-32 throughput per
+engine. Machine-dependent by nature (metrics/export.json says which thread count); the figures
+compare engines on one machine, not machines."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+WARMUP_RUNS = 3
+THROUGHPUT_BATCH, THROUGHPUT_RUNS = 32, 3
+
+
+def engine_speed(name: str, run: Callable[[np.ndarray], object], size: int, runs: int) -> dict[str, float]:
+    """`run` on one image `runs` times after a warm-up (median and p90 milliseconds), then on
+    batches of 32 (images per second); flat keys prefixed with the engine's name."""
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+    batch = rng.standard_normal((THROUGHPUT_BATCH, 3, size, size), dtype=np.float32)
+    for _ in range(WARMUP_RUNS):
+        run(one)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(one)
+        times.append(time.perf_counter() - started)
+    run(batch)
+    started = time.perf_counter()
+    for _ in range(THROUGHPUT_RUNS):
+        run(batch)
+    seconds = time.perf_counter() - started
+    return {f"{name}_latency_ms_median": round(1000 * float(np.median(times)), 3),
+            f"{name}_latency_ms_p90": round(1000 * float(np.percentile(times, 90)), 3),
+            f"{name}_images_per_s_batch{THROUGHPUT_BATCH}": round(THROUGHPUT_BATCH * THROUGHPUT_RUNS / seconds, 2)}
+
+
+def onnx_runner(path, threads: int) -> Callable[[np.ndarray], object]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})
+
+
+def torch_runner(checkpoint, threads: int) -> Callable[[np.ndarray], object]:
+    """The checkpoint's network in PyTorch, on the CPU in fp32, as predict runs it there."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = checkpoint.classifier().eval().to(memory_format=torch.channels_last)
+
+    def run(images: np.ndarray):
+        with torch.inference_mode():
+            return model(torch.from_numpy(images).contiguous(memory_format=torch.channels_last))
+
+    return run
