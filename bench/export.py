@@ -45,7 +45,7 @@ def speed_cell(row: dict, engine: str) -> str:
 def table(rows: list[dict]) -> str:
     threads = rows[0]["threads"]
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.export` (one run; strategy "
-             f"frozen; {threads} threads; latency: median batch-1 milliseconds (p90) of 30 runs after warm-up; "
+             f"frozen; {threads} threads; latency: median batch-1 milliseconds (p90) of 20 runs after warm-up; "
              "then images per second in batches of 32). INT8 ships if its test accuracy is at most 0.005 below "
              "fp32's.", "",
              "| archive | backbone | fp32 test accuracy | INT8 test accuracy | INT8 agrees with fp32 | INT8 shipped | "

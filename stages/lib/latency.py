@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 WARMUP_RUNS = 3
-THROUGHPUT_BATCH, THROUGHPUT_RUNS = 32, 3
+THROUGHPUT_BATCH, THROUGHPUT_RUNS = 32, 2
 
 
 def engine_speed(name: str, run: Callable[[np.ndarray], object], size: int, runs: int) -> dict[str, float]:
