@@ -264,8 +264,8 @@ def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_co
     done = subprocess.run([str(predictor_venv), str(shipped / "predict.py"), str(images), "--int8"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"error: {shipped / 'model.int8.onnx'}: not in the export (INT8 is shipped only when it keeps the fp32 "
-        "model's test accuracy: model.json's int8 says why)"]
+        f"error: {shipped / 'model.int8.onnx'}: not in the export (INT8 ships only with export.int8 on, and only if "
+        "it keeps the fp32 model's test accuracy: model.json's int8 says what was measured)"]
 
 
 def test_int8_ships_within_its_tolerance_only():

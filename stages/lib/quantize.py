@@ -1,8 +1,9 @@
 """INT8 for the exported model: ONNX Runtime's static post-training quantisation, calibrated on
 training images, and the test that decides whether it ships.
 
-QDQ format, weights int8 per output channel (EfficientNet-Lite's depthwise convolutions have a
-few channels with much wider weights than the rest: one scale per tensor would crush the others),
+QDQ format, weights int8 per output channel: in EfficientNet-Lite2's export (BatchNorm folded
+in), a depthwise convolution's widest channel spans a median 6x (up to 25x) the range of its
+median channel, so one scale per tensor would leave most channels a few bits;
 activations uint8 from the calibration images' min-max ranges. The head (a few thousand
 multiply-adds, the temperature and the softmax) stays in float: quantised, the probabilities
 would come in steps of 1/255 and no longer sum to one. Where the CPU lacks VNNI, 8-bit

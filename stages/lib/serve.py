@@ -67,7 +67,8 @@ class Model:
         name = INT8_ONNX if int8 else MODEL_ONNX
         if not (self.folder / name).is_file():
             raise FileNotFoundError(f"{self.folder / name}: not in the export" + (
-                " (INT8 is shipped only when it keeps the fp32 model's test accuracy: model.json's int8 says why)"
+                " (INT8 ships only with export.int8 on, and only if it keeps the fp32 model's test accuracy: "
+                "model.json's int8 says what was measured)"
                 if int8 else ""))
         import onnxruntime  # here: the project's predict command imports this module for its table alone
 
