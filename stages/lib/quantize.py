@@ -44,14 +44,14 @@ def prepared_for_quantisation(model: Path, target: Path) -> None:
     inferred. Not the helper itself: it imports onnxruntime.tools, which imports torch wherever
     torch is installed, and the export stage stays torch-free."""
     import onnxruntime
-    from onnxruntime.quantization.quant_utils import add_infer_metadata
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
     onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     prepared = onnx.shape_inference.infer_shapes(onnx.load(str(target)))
-    add_infer_metadata(prepared)  # marks it pre-processed, which it now is
+    add_pre_process_metadata(prepared)  # marks it pre-processed, which it now is
     onnx.save(prepared, str(target))
 
 
