@@ -104,8 +104,8 @@ def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
 def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
-    assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "train", "evaluate",
-                                 "export_backbone", "export", "latency"]
+    assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "suspects", "train",
+                                 "evaluate", "export_backbone", "export", "latency"]
     assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/index/summary.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
@@ -126,7 +126,7 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     # A train param reruns train and what follows; a frozen model reuses the features and the
     # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
     experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check", "train", "evaluate", "export", "latency"]
+    assert stages_run(experiment) == ["check", "suspects", "train", "evaluate", "export", "latency"]
     assert "cached test features" in experiment and "joining its export" in experiment
     # A speed setting of evaluate does not retrain.
     experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)

@@ -170,6 +170,10 @@ class EvaluateParams(Strict):
     grid_images: Annotated[StrictInt, Field(ge=1, le=64)]
 
 
+class SuspectsParams(Strict):
+    folds: Annotated[StrictInt, Field(ge=2)]
+
+
 class ExportParams(Strict):
     int8: StrictBool
     calibration_images: Annotated[StrictInt, Field(ge=1)]
@@ -188,6 +192,7 @@ class Params(Strict):
     augment: AugmentParams
     features: FeaturesParams
     leaks: LeaksParams
+    suspects: SuspectsParams
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams

@@ -1,0 +1,96 @@
+"""Stage `suspects`: which labels of train and val are probably wrong, and how many.
+
+A head trained on all the images has fitted their labels, wrong ones included, so its own losses
+miss the mislabelled images it memorised (evaluate's top_losses.csv is that in-sample view).
+Here heads train in `suspects.folds` folds over train + val on the cached features of the
+pretrained backbone, with the run's head settings, and each image is scored by the head that did
+not see it; confident learning (lib/suspects.py) then estimates how many labels are wrong per
+class pair and ranks the images most probably mislabelled. The features are the pretrained
+backbone's whatever the strategy (a fine-tuned backbone's would need a network pass per fold):
+the log and metrics/suspects.json say so. Costs seconds: the heads train on cached features.
+
+Writes metrics/suspects.json (the estimated number and share of wrong labels),
+metrics/suspects/suspects.csv (ranked: path, split, given label, suggested label, the out-of-fold
+probability of each), metrics/suspects/label_errors.csv (the estimate per given/true pair) and
+metrics/suspects/suspects.png (the most suspect images).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.cli import run_stage
+from stages.lib.features import read_features
+from stages.lib.files import write_csv_atomic, write_json_atomic
+from stages.lib.folds import out_of_fold_probabilities
+from stages.lib.index_table import read_classes
+from stages.lib.params import load_params
+from stages.lib.paths import RAW_DIR, SUSPECTS_CSV, SUSPECTS_METRICS, SUSPECTS_PAIRS_CSV, SUSPECTS_PNG
+from stages.lib.plots import save_image_grid
+from stages.lib.suspects import estimated_label_errors, label_suspects
+
+log = logging.getLogger("suspects")
+GALLERY = 16
+
+
+def train_and_val() -> tuple[dict, list[str], list[str]]:
+    """The train and val features as one split (the views both have), with each image's path and split."""
+    train, val = read_features("train"), read_features("val")
+    views = [view for view in train["views"] if view in val["views"]]
+    pick = lambda split: split["features"][:, [split["views"].index(v) for v in views]]  # noqa: E731
+    merged = {"features": np.concatenate([pick(train), pick(val)]), "views": views,
+              "labels": np.concatenate([train["labels"], val["labels"]]).astype(np.int64)}
+    return merged, list(train["paths"]) + list(val["paths"]), ["train"] * len(train["labels"]) + ["val"] * len(
+        val["labels"])
+
+
+def suspects_table(probs: np.ndarray, labels: np.ndarray, paths: list[str], splits: list[str],
+                   classes: list[str]) -> pd.DataFrame:
+    images, suggested = label_suspects(probs, labels, len(classes))
+    return pd.DataFrame({
+        "path": [paths[i] for i in images], "split": [splits[i] for i in images],
+        "given": [classes[labels[i]] for i in images], "suggested": [classes[s] for s in suggested],
+        "probability_given": probs[images, labels[images]].round(6),
+        "probability_suggested": probs[images, suggested].round(6),
+    })
+
+
+def pairs_table(errors: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    rows = [{"given": classes[g], "true": classes[t], "estimated_wrong_labels": round(float(errors[g, t]), 2)}
+            for g in range(len(classes)) for t in range(len(classes)) if g != t]
+    return pd.DataFrame(rows).sort_values("estimated_wrong_labels", ascending=False, kind="stable")
+
+
+def main() -> None:
+    params = load_params()
+    classes = read_classes()
+    split, paths, splits = train_and_val()
+    folds = params.suspects.folds
+    probs = out_of_fold_probabilities(split, params, folds, len(classes))
+    labels = split["labels"]
+    errors = estimated_label_errors(probs, labels, len(classes))
+    wrong = float(errors.sum() - np.trace(errors))
+    table = suspects_table(probs, labels, paths, splits, classes)
+    write_csv_atomic(SUSPECTS_CSV, table)
+    write_csv_atomic(SUSPECTS_PAIRS_CSV, pairs_table(errors, classes))
+    shown = table.head(GALLERY)
+    save_image_grid([RAW_DIR / p for p in shown["path"]],
+                    [f"{s}: given {g} ({q:.2f})\nsuggested {t} ({r:.2f})" for s, g, q, t, r in
+                     zip(shown["split"], shown["given"], shown["probability_given"], shown["suggested"],
+                         shown["probability_suggested"])],
+                    ["tab:red"] * len(shown), SUSPECTS_PNG,
+                    f"label suspects: {len(table)} images, about {wrong:.0f} labels estimated wrong (out-of-fold)")
+    write_json_atomic(SUSPECTS_METRICS, {"label_errors_estimated": round(wrong, 1),
+                                         "label_error_share": round(wrong / len(labels), 4),
+                                         "suspects": int(len(table))})
+    log.info("%d-fold heads on the pretrained backbone's cached features (train + val, %d images%s): about %.0f "
+             "labels (%.1f%%) estimated wrong; %d suspects, most suspect first, in %s", folds, len(labels),
+             "" if params.strategy == "frozen" else "; not the fine-tuned backbone's", wrong,
+             100 * wrong / len(labels), len(table), SUSPECTS_CSV)
+
+
+if __name__ == "__main__":
+    run_stage(main)
