@@ -88,8 +88,8 @@ def main() -> None:
                                          "suspects": int(len(table))})
     log.info("%d-fold heads on the pretrained backbone's cached features (train + val, %d images%s): about %.0f "
              "labels (%.1f%%) estimated wrong; %d suspects, most suspect first, in %s", folds, len(labels),
-             "" if params.strategy == "frozen" else "; not the fine-tuned backbone's", wrong,
-             100 * wrong / len(labels), len(table), SUSPECTS_CSV)
+             "" if params.strategy == "frozen" else f"; strategy {params.strategy} may fine-tune the backbone, these "
+             "are the pretrained one's", wrong, 100 * wrong / len(labels), len(table), SUSPECTS_CSV)
 
 
 if __name__ == "__main__":
