@@ -480,12 +480,27 @@ def test_a_budgeted_run_ends_within_its_budget_its_learning_rate_at_zero(tiny_pr
         lrs.append(self.lr())
 
     monkeypatch.setattr(training.Optimization, "step", recording)
+
+    class SteadyClock:
+        """The training module's clock, advancing 20 ms each time it is read: a steady machine, so
+        that neither this machine's speed nor a neighbour's load decides the plan (bench.budget
+        measures real runs)."""
+
+        def __init__(self):
+            self.now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 0.02
+            return self.now
+
     budget = 15.0
     root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "time_budget": budget,
                                                     "batch_size": 2, "workers": 0})
-    started = time.perf_counter()
+    clock = SteadyClock()
+    monkeypatch.setattr(training, "time", clock)
+    started = clock.now
     train.main()
-    seconds = time.perf_counter() - started
+    seconds = clock.now - started
     summary = json.loads((root / "metrics/train/metrics.json").read_text())
     timing = json.loads((root / "metrics/train/time.json").read_text())
     validations = len((root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()) - 1

@@ -76,7 +76,8 @@ class Run:
     classes: int
     class_weights: torch.Tensor | None = None  # train.class_weighting balanced: the loss's weight per class
     timing: Counter = field(default_factory=Counter)  # seconds: head, data, compute, validate
-    started: float = field(default_factory=time.perf_counter)  # when the train stage began: train.time_budget
+    # when the train stage began (train.time_budget); read through the module, as every clock read here
+    started: float = field(default_factory=lambda: time.perf_counter())
     rank: int = 0
     world_size: int = 1
     network_steps: int = 0  # optimizer steps of the whole network taken (metrics/train/metrics.json)
