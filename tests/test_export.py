@@ -66,7 +66,7 @@ def test_onnx_matches_pytorch_on_real_photos(tiny_project, caplog):
     # The real EfficientNet-Lite0 (TF-style "same" padding included), with a head trained briefly;
     # frozen, so the export joins the export_backbone stage's backbone with the head.
     root = tiny_project(strategy="frozen", model={"backbone": "efficientnet_lite0", "weights": "pretrained"},
-                        train={"head_epochs": 2})
+                        train={"head_epochs": 2}, export={"int8": False})  # INT8: the tiny tests below
     train_with_library(root)
     export_backbone.main()
     assert sorted(p.name for p in (root / "models/backbone_export").iterdir()) == [
