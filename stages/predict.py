@@ -40,37 +40,24 @@ from stages.lib.images import IMAGE_EXTENSIONS, find_images
 from stages.lib.inference import classify
 from stages.lib.paths import EXPORT_DIR, MODEL
 from stages.lib.runtime import pick_device
-from stages.lib.serve import UNKNOWN, Model, prediction_rows
+from stages.lib.serve import UNKNOWN, Model, checked, prediction_arguments, prediction_rows
 
 log = logging.getLogger("predict")
 
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="dvc-transfer-predict", description="Classify images with a trained model.")
-    parser.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"),
-                        help="CSV to write, - for standard output (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
+    prediction_arguments(parser)
     parser.add_argument("--model", type=Path, default=MODEL, help="checkpoint (default: %(default)s)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                         help="torch: the checkpoint; onnx: the exported folder, as a deployment runs it "
                              "(default: %(default)s)")
     parser.add_argument("--export", type=Path, default=EXPORT_DIR,
                         help="--engine onnx: the exported folder (default: %(default)s)")
-    parser.add_argument("--int8", action="store_true", help="--engine onnx: its INT8 model, where one was shipped")
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     parser.add_argument("--tta", choices=["none", "hflip"], default=None,
                         help="average with the mirror image (default: as the model was selected, its model.tta)")
-    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                        help=f"answer {UNKNOWN!r} when the top class's (temperature-scaled) probability is below P "
-                             "(default: %(default)s, always answer)")
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
-        parser.error("--top-k and --batch-size must be at least 1, --workers at least 0")
-    if not 0 <= args.min_confidence <= 1:
-        parser.error("--min-confidence must be a probability, from 0 to 1")
-    return args
+    return checked(parser, argv)
 
 
 def torch_probabilities(model_path: Path, paths: list[Path], batch_size: int, workers: int, tta: str | None):
@@ -105,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = find_images(args.paths)
     if not paths:
         raise UserError(f"{args.paths[0]}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if args.int8 and args.engine != "onnx":
+        raise UserError("--int8: the INT8 model is the exported folder's; add --engine onnx")
     started = time.perf_counter()
     if args.engine == "onnx":
         if args.tta:

@@ -143,25 +143,35 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="predict.py", description="Classify images with this exported model.")
+def prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this predictor and the project's predict command share (one CSV, one meaning)."""
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write, - for standard output "
-                                                                 "(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                        help="CSV to write, - for standard output (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                        help=f"answer {UNKNOWN!r} when the top class's probability is below P (default: always answer)")
+                        help=f"answer {UNKNOWN!r} when the top class's (temperature-scaled) probability is below P "
+                             "(default: %(default)s, always answer)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--int8", action="store_true", help="the INT8 model, where the export shipped one")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads (default: 0, its choice)")
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent,
-                        help="the exported folder (default: this file's)")
+
+
+def checked(parser: argparse.ArgumentParser, argv: list[str] | None):
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.threads < 0:
-        parser.error("--top-k and --batch-size must be at least 1, --threads at least 0")
+    if args.top_k < 1 or args.batch_size < 1 or getattr(args, "threads", 0) < 0 or getattr(args, "workers", 0) < 0:
+        parser.error("--top-k and --batch-size must be at least 1, --threads and --workers at least 0")
     if not 0 <= args.min_confidence <= 1:
         parser.error("--min-confidence must be a probability, from 0 to 1")
     return args
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="predict.py", description="Classify images with this exported model.")
+    prediction_arguments(parser)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads (default: 0, its choice)")
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent,
+                        help="the exported folder (default: this file's)")
+    return checked(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         columns, rows = prediction_rows(paths, probs, errors, model.classes, args.top_k, args.min_confidence)
         text = csv_text(columns, rows)
-        if args.out == "-":
+        if str(args.out) == "-":
             sys.stdout.write(text)
         else:  # whole or not at all: a temporary file beside it, then one rename
-            target = Path(args.out)
+            target = args.out
             tmp = target.with_name(f".{target.name}.tmp")
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, target)
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     unsure = sum(row["predicted"] == UNKNOWN for row in rows)
     print(f"{len(paths) - failed} images classified" + (f", {unsure} {UNKNOWN}" if args.min_confidence else "")
           + f", {failed} unreadable, in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s); wrote "
-          + ("standard output" if args.out == "-" else args.out), file=sys.stderr)
+          + ("standard output" if str(args.out) == "-" else str(args.out)), file=sys.stderr)
     return 1 if failed else 0
 
 
