@@ -1,5 +1,5 @@
 """How fast the shipped model runs on this machine: batch-1 latency and batch-32 throughput per
-engine. Machine-dependent by nature (metrics/export.json says which thread count); the figures
+engine. Machine-dependent by nature (metrics/latency.json says which thread count); the figures
 compare engines on one machine, not machines."""
 
 from __future__ import annotations
