@@ -9,7 +9,7 @@ from stages.lib import files
 
 
 @pytest.mark.parametrize("writer", ["atomic_path", "atomic_dir"])
-def test_ctrl_c_right_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch, writer):
+def test_ctrl_c_right_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch, request, writer):
     # Ctrl-C arriving just after the temporary file or folder was made, before the caller's body ran
     name = {"atomic_path": "create_file", "atomic_dir": "create_dir"}[writer]
     make = getattr(files, name)
@@ -20,6 +20,9 @@ def test_ctrl_c_right_after_the_temporary_file_is_made_leaves_nothing(tmp_path, 
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(files, name, made_then_interrupted)
+    # Ctrl-C as an interactive run has it: a pytest-xdist worker ignores SIGINT, another test may have left a handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with pytest.raises(KeyboardInterrupt):
         with getattr(files, writer)(tmp_path / "out"):
             pass
