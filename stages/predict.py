@@ -36,11 +36,10 @@ from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
 from stages.lib.data import PathDataset, collate_readable, decode_size, eval_transform
 from stages.lib.files import write_output
-from stages.lib.images import IMAGE_EXTENSIONS, find_images
 from stages.lib.inference import classify
 from stages.lib.paths import EXPORT_DIR, MODEL
 from stages.lib.runtime import pick_device
-from stages.lib.serve import UNKNOWN, Model, checked, prediction_arguments, prediction_rows
+from stages.lib.serve import UNKNOWN, Model, checked, images_to_classify, prediction_arguments, prediction_rows
 
 log = logging.getLogger("predict")
 
@@ -86,12 +85,10 @@ def onnx_probabilities(folder: Path, paths: list[Path], batch_size: int, int8: b
 def main(argv: list[str] | None = None) -> int:
     """Classify and write the CSV; returns the exit status (1 if any file failed)."""
     args = parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.exists()]
-    if missing:
-        raise UserError(f"{missing[0]}: no such file or folder; give image files or folders to classify")
-    paths = find_images(args.paths)
-    if not paths:
-        raise UserError(f"{args.paths[0]}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        paths = images_to_classify(args.paths)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if args.int8 and args.engine != "onnx":
         raise UserError("--int8: the INT8 model is the exported folder's; add --engine onnx")
     started = time.perf_counter()

@@ -174,15 +174,21 @@ def parse_args(argv: list[str] | None):
     return checked(parser, argv)
 
 
+def images_to_classify(given: list[Path]) -> list[Path]:
+    """The image files the given files and folders hold; ValueError naming what is missing or empty."""
+    missing = [str(p) for p in given if not p.exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder; give image files or folders to classify")
+    paths = find_images(given)
+    if not paths:
+        raise ValueError(f"{given[0]}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        missing = [str(p) for p in args.paths if not p.exists()]
-        if missing:
-            raise ValueError(f"{missing[0]}: no such file or folder; give image files or folders to classify")
-        paths = find_images(args.paths)
-        if not paths:
-            raise ValueError(f"{args.paths[0]}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        paths = images_to_classify(args.paths)
         model = Model(args.model, args.int8, args.threads)
         started = time.perf_counter()
         probs, errors = model.classify(paths, args.batch_size)
