@@ -42,19 +42,24 @@ from stages.lib.metrics import macro_f1
 from stages.lib.params import ExportParams, load_params
 from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, EXPORT_METRICS, MODEL, RAW_DIR
 from stages.lib.quantize import int8_verdict, quantize_int8
-from stages.lib.serve import INT8_ONNX, MODEL_ONNX, Model, prepare
+from stages.lib.serve import INT8_ONNX, MODEL_ONNX, Model, classify_with, prepare
 
 log = logging.getLogger("export")
 
 
-def test_scores(model: Model, test) -> tuple[np.ndarray, float, float]:
-    """The predicted classes on the test split, accuracy and macro-F1, as the folder's predictor gives them."""
-    probs, errors = model.classify([RAW_DIR / path for path in test["path"]])
+def test_scores(models: list[Model], test) -> list[tuple[np.ndarray, float, float]]:
+    """Each model's predicted classes on the test split, accuracy and macro-F1, as the folder's
+    predictor gives them (each image decoded once for all the models)."""
+    probs, errors = classify_with(models, [RAW_DIR / path for path in test["path"]])
     failed = [path for path, error in zip(test["path"], errors) if error]
     if failed:
         raise UserError(f"{RAW_DIR / failed[0]}: cannot be read any more; run `dvc repro index` again")
-    predicted, labels = np.stack(probs).argmax(1), test["label"].to_numpy()
-    return predicted, float((predicted == labels).mean()), macro_f1(labels, predicted, len(model.classes))
+    labels = test["label"].to_numpy()
+    scores = []
+    for model, scored in zip(models, probs):
+        predicted = np.stack(scored).argmax(1)
+        scores.append((predicted, float((predicted == labels).mean()), macro_f1(labels, predicted, len(model.classes))))
+    return scores
 
 
 def ship_int8_or_not(folder: Path, side: dict, settings: ExportParams) -> tuple[dict, dict]:
@@ -64,8 +69,8 @@ def ship_int8_or_not(folder: Path, side: dict, settings: ExportParams) -> tuple[
     chosen = train.sample(n=min(settings.calibration_images, len(train)), random_state=0)
     calibration = np.stack([prepare(load_image(RAW_DIR / path, side["resize_size"]), side) for path in chosen["path"]])
     quantize_int8(folder / MODEL_ONNX, folder / INT8_ONNX, side["input"]["name"], calibration)
-    fp32, fp32_accuracy, fp32_f1 = test_scores(Model(folder), test)
-    int8, int8_accuracy, int8_f1 = test_scores(Model(folder, int8=True), test)
+    (fp32, fp32_accuracy, fp32_f1), (int8, int8_accuracy, int8_f1) = test_scores(
+        [Model(folder), Model(folder, int8=True)], test)
     shipped, why = int8_verdict(fp32_accuracy, int8_accuracy, settings.int8_tolerance)
     if not shipped:
         (folder / INT8_ONNX).unlink()

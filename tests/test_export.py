@@ -212,7 +212,7 @@ def predictor_venv(tmp_path_factory) -> Path:
     return venv / "bin/python"
 
 
-def set_export_params(root: Path, section: str = "export", **settings) -> None:
+def set_params(root: Path, section: str = "export", **settings) -> None:
     import yaml
 
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -225,7 +225,7 @@ def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_co
     from stages import predict
 
     root = trained_copy
-    set_export_params(root, int8=False)
+    set_params(root, int8=False)
     for python_without in ("torch", "stages"):
         assert subprocess.run([str(predictor_venv), "-c", f"import {python_without}"], capture_output=True,
                               cwd=tmp_path).returncode != 0
@@ -298,7 +298,7 @@ def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monk
     from stages.lib import serve
 
     root = trained_copy
-    set_export_params(root, int8_tolerance=1.0)  # whatever INT8 scores: shipped
+    set_params(root, int8_tolerance=1.0)  # whatever INT8 scores: shipped
     export_backbone.main()
     export.main()
     folder = root / "models/export"
@@ -319,7 +319,7 @@ def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monk
     # A quantiser that ruins the model (always the first class): not shipped, said in one line
     monkeypatch.setattr(export, "quantize_int8", lambda model, target, name, images: onnx.save(
         constant_model(len(side["classes"]), side["input_size"]), str(target)))
-    set_export_params(root, int8_tolerance=0.005)
+    set_params(root, int8_tolerance=0.005)
     with caplog.at_level("INFO"):
         export.main()
     assert not (folder / "model.int8.onnx").exists()

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from stages import export, export_backbone, latency
-from tests.test_export import set_export_params
+from tests.test_export import set_params
 
 
 @pytest.mark.parametrize("int8", [True, False])
 def test_every_shipped_engine_is_timed(trained_copy, caplog, int8):
     root = trained_copy
-    set_export_params(root, int8=int8, int8_tolerance=1.0)  # INT8 shipped whenever it is made
-    set_export_params(root, "latency", runs=5)
+    set_params(root, int8=int8, int8_tolerance=1.0)  # INT8 shipped whenever it is made
+    set_params(root, "latency", runs=5)
     export_backbone.main()
     export.main()
     with caplog.at_level("INFO"):

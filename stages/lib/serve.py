@@ -93,25 +93,33 @@ class Model:
 
     def classify(self, paths: list[Path], batch_size: int = 16) -> tuple[list, list[str]]:
         """Probabilities per readable file (None for the others) and each file's error ("" if none)."""
-        probs, errors, batch = [None] * len(paths), [""] * len(paths), []
-
-        def flush():
-            if batch:
-                scored = self.probabilities(np.stack([image for _, image in batch]))
-                for (i, _), p in zip(batch, scored):
-                    probs[i] = p
-                batch.clear()
-
-        decode_size = self.side["resize_size"]
-        for i, path in enumerate(paths):
-            try:
-                batch.append((i, prepare(load_image(path, decode_size), self.side)))
-            except Exception as error:  # noqa: BLE001 - any unreadable file is reported in the CSV
-                errors[i] = f"{type(error).__name__}: {error}".splitlines()[0]
-            if len(batch) == batch_size:
-                flush()
-        flush()
+        (probs,), errors = classify_with([self], paths, batch_size)
         return probs, errors
+
+
+def classify_with(models: list[Model], paths: list[Path], batch_size: int = 16) -> tuple[list[list], list[str]]:
+    """Each model's probabilities per readable file (None for the others), each image decoded once
+    for all of them (they share one preprocessing: one export's fp32 and INT8), and each file's error."""
+    side = models[0].side
+    probs, errors, batch = [[None] * len(paths) for _ in models], [""] * len(paths), []
+
+    def flush():
+        if batch:
+            images = np.stack([image for _, image in batch])
+            for model, scored in zip(models, probs):
+                for (i, _), p in zip(batch, model.probabilities(images)):
+                    scored[i] = p
+            batch.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            batch.append((i, prepare(load_image(path, side["resize_size"]), side)))
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported in the CSV
+            errors[i] = f"{type(error).__name__}: {error}".splitlines()[0]
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return probs, errors
 
 
 def prediction_rows(paths: list, probs: list, errors: list[str], classes: list[str], top_k: int,
