@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 STAGES = ("check", "download", "index", "weights", "features", "leaks", "suspects", "train", "evaluate",
-          "export_backbone", "export", "latency")
+          "heatmaps", "export_backbone", "export", "latency")
 PROJECT_VENV_PYTHON = Path(".venv/bin/python")
 REEXEC_MARK = "DVC_TRANSFER_REEXEC"  # set once run under the venv, so it happens at most once
 

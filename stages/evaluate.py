@@ -37,6 +37,7 @@ from stages.lib.metrics import (
     confusion_counts,
     predictions_table,
     score_predictions,
+    shown_predictions,
     top_losses,
 )
 from stages.lib.params import load_params
@@ -58,25 +59,25 @@ from stages.lib.paths import (
     TOP_LOSSES_CSV,
     TOP_LOSSES_PNG,
 )
-from stages.lib.plots import save_class_curves, save_confusion_matrix, save_image_grid, save_reliability_diagram
+from stages.lib.plots import (
+    prediction_titles,
+    save_class_curves,
+    save_confusion_matrix,
+    save_image_grid,
+    save_reliability_diagram,
+)
 from stages.lib.significance import RESAMPLES, bootstrap_intervals
 
 log = logging.getLogger("evaluate")
 
 
 def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
-    def titled(rows: pd.DataFrame):
-        return (
-            [RAW_DIR / p for p in rows["path"]],
-            [f"predicted: {p} ({q:.2f})\ntrue: {t}"
-             for p, q, t in zip(rows["predicted"], rows["probability"], rows["true"])],
-            ["tab:green" if p == t else "tab:red" for p, t in zip(rows["predicted"], rows["true"])],
-        )
-
-    save_image_grid(*titled(table.head(grid_images)), GRID_PNG, "test predictions (green: right, red: wrong)")
-    wrong = table[table["predicted"] != table["true"]].sort_values("probability", ascending=False)
-    save_image_grid(*titled(wrong.head(grid_images)), MISCLASSIFIED_PNG,
-                    f"misclassified: {len(wrong)} of {len(table)} (most confident first)")
+    first, wrong = shown_predictions(table, grid_images)
+    misclassified = int((table["predicted"] != table["true"]).sum())
+    for rows, path, heading in ((first, GRID_PNG, "test predictions (green: right, red: wrong)"),
+                                (wrong, MISCLASSIFIED_PNG,
+                                 f"misclassified: {misclassified} of {len(table)} (most confident first)")):
+        save_image_grid([RAW_DIR / p for p in rows["path"]], *prediction_titles(rows), path, heading)
 
 
 SUSPECTS = 100  # rows of top_losses.csv

@@ -145,3 +145,10 @@ def predictions_table(rows: pd.DataFrame, probs, classes: list[str]) -> pd.DataF
     for i, name in enumerate(classes):
         table[f"prob_{name}"] = probs[:, i].round(6)
     return table
+
+
+def shown_predictions(table: pd.DataFrame, count: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The test predictions the pictures show: the first `count` (the index is shuffled), and the
+    `count` most confident misclassified ones."""
+    wrong = table[table["predicted"] != table["true"]].sort_values("probability", ascending=False, kind="stable")
+    return table.head(count), wrong.head(count)

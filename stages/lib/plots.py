@@ -59,31 +59,55 @@ def save_confusion_matrix(confusion, classes: list[str], path: Path) -> None:
     save_figure(figure, path)
 
 
-def save_image_grid(images: Sequence[Path], titles: Sequence[str], colors: Sequence[str], path: Path,
+def thumbnail_pixels(image: Path | np.ndarray, thumb: int) -> np.ndarray:
+    """An image file, or pixels (HxWx3 uint8), shrunk to fit `thumb` x `thumb`."""
+    from PIL import Image
+
+    picture = load_image(image, thumb) if isinstance(image, Path) else Image.fromarray(image)
+    picture.thumbnail((thumb, thumb))
+    return np.asarray(picture)
+
+
+def save_image_grid(images: Sequence[Path | np.ndarray], titles: Sequence[str], colors: Sequence[str], path: Path,
                     heading: str, thumb: int = 192) -> None:
-    """A grid of thumbnails with a coloured title each (the recipe's visualize_model). The
-    thumbnails are pasted at their own pixel size (figimage) under their titles, without an axes
-    each: a 4x4 grid then draws in half the time, at the same size and look."""
+    """A grid of thumbnails (of files, or of pixels) with a coloured title each (the recipe's
+    visualize_model). The thumbnails are pasted at their own pixel size (figimage) under their
+    titles, without an axes each: a 4x4 grid then draws in half the time, at the same size and look."""
     count = max(1, len(images))
     columns = min(4, count)
     rows = math.ceil(count / columns)
     cell_w, cell_h, header = 260, 256, 50  # pixels at the figure's 100 dpi
     width, height = cell_w * columns, cell_h * rows + header
     figure = plt.figure(figsize=(width / 100, height / 100), dpi=100)
-    for i, (image_path, title, color) in enumerate(zip(images, titles, colors)):
+    for i, (image, title, color) in enumerate(zip(images, titles, colors)):
         row, column = divmod(i, columns)
-        image = load_image(image_path, thumb)
-        image.thumbnail((thumb, thumb))
-        pixels = np.asarray(image)
+        pixels = thumbnail_pixels(image, thumb)
         top = header + row * cell_h + 44  # room for a two-line title above the thumbnail
         figure.figimage(pixels, xo=column * cell_w + (cell_w - pixels.shape[1]) // 2,
                         yo=height - top - pixels.shape[0], origin="upper")
         figure.text((column + 0.5) * cell_w / width, 1 - (top - 4) / height, title, ha="center", va="bottom",
                     color=color, fontsize=9)
-    if not images:
+    if not len(images):
         figure.text(0.5, 0.5, "none", ha="center", va="center", fontsize=14)
     figure.suptitle(heading, y=1 - 12 / height, va="top")
     save_figure(figure, path, tight=False)
+
+
+def prediction_titles(rows) -> tuple[list[str], list[str]]:
+    """Titles and colours of predictions (rows of metrics/predictions.csv): predicted vs true,
+    green when right, red when wrong."""
+    titles = [f"predicted: {p} ({q:.2f})\ntrue: {t}"
+              for p, q, t in zip(rows["predicted"], rows["probability"], rows["true"])]
+    return titles, ["tab:green" if p == t else "tab:red" for p, t in zip(rows["predicted"], rows["true"])]
+
+
+def overlay_heatmap(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A heat map (HxW, 0..1) in the jet colours over an image (HxWx3, 0..1), as uint8 pixels.
+    The colour covers more where the heat is higher, so what the model ignores stays visible."""
+    heat = np.clip(heat, 0, 1)
+    colored = matplotlib.colormaps["jet"](heat)[..., :3]
+    weight = (0.15 + 0.45 * heat)[..., None]
+    return (np.clip((1 - weight) * image + weight * colored, 0, 1) * 255).round().astype(np.uint8)
 
 
 def save_dataset_overview(index, classes: list[str], path: Path) -> None:
