@@ -33,6 +33,7 @@ import numpy as np
 
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
+from stages.lib.cores import cpu_threads
 from stages.lib.export import MODEL_JSON, export_backbone, join_with_head, reusable_backbone_export, sidecar
 from stages.lib.export_folder import write_predictor
 from stages.lib.files import atomic_dir, write_json_atomic
@@ -70,7 +71,7 @@ def ship_int8_or_not(folder: Path, side: dict, settings: ExportParams) -> tuple[
     calibration = np.stack([prepare(load_image(RAW_DIR / path, side["resize_size"]), side) for path in chosen["path"]])
     quantize_int8(folder / MODEL_ONNX, folder / INT8_ONNX, side["input"]["name"], calibration)
     (fp32, fp32_accuracy, fp32_f1), (int8, int8_accuracy, int8_f1) = test_scores(
-        [Model(folder), Model(folder, int8=True)], test)
+        [Model(folder, threads=cpu_threads()), Model(folder, int8=True, threads=cpu_threads())], test)
     shipped, why = int8_verdict(fp32_accuracy, int8_accuracy, settings.int8_tolerance)
     if not shipped:
         (folder / INT8_ONNX).unlink()

@@ -10,9 +10,9 @@ stratified (lib/splits.py).
 from __future__ import annotations
 
 import logging
-import os
 
 from stages.lib.cli import UserError, run_stage
+from stages.lib.cores import cpu_threads
 from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.labels import list_labelled_images
 from stages.lib.layouts import SPLITS, list_images
@@ -55,7 +55,7 @@ def main() -> None:
         layout, classes, candidates, skipped, unlisted = list_labelled_images(RAW_DIR, params)
     else:
         (layout, classes, candidates, skipped), unlisted = list_images(RAW_DIR), None
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or cpu_threads()
     valid, invalid = validate(candidates, RAW_DIR, params.max_pixels, workers)
     images, duplicates = drop_duplicates(valid)
     skipped += invalid + duplicates

@@ -12,10 +12,10 @@ torch-free and `dvc repro export` skips the timing.
 from __future__ import annotations
 
 import logging
-import os
 
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import run_stage
+from stages.lib.cores import cpu_threads
 from stages.lib.files import write_json_atomic
 from stages.lib.latency import engine_speed, onnx_runner, torch_runner
 from stages.lib.params import load_params
@@ -29,7 +29,7 @@ def main() -> None:
     runs = load_params().latency.runs
     checkpoint = read_checkpoint(MODEL)
     size = checkpoint.preprocessing.input_size
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = cpu_threads()
     speed = {"threads": threads, "input_size": size}
     speed.update(engine_speed("torch_fp32", torch_runner(checkpoint, threads), size, runs))
     speed.update(engine_speed("onnx_fp32", onnx_runner(EXPORT_DIR / MODEL_ONNX, threads), size, runs))

@@ -23,9 +23,11 @@ import logging
 import time
 from contextlib import nullcontext
 
+import torch
 from dvclive import Live
 
 from stages.lib.cli import run_stage
+from stages.lib.cores import loader_workers
 from stages.lib.files import only_writer, write_csv_atomic, write_json_atomic
 from stages.lib.head_search import search_table, winner
 from stages.lib.params import load_params
@@ -44,7 +46,10 @@ def write_records(trained: Trained, started: float) -> None:
     write_csv_atomic(HEAD_SEARCH_CSV, search_table(trials, winner(trials, select_on) if trials else None))
     save_learning_curves(trained.records.history, best.epoch, CURVES_PNG)
     seconds = {name: round(value, 2) for name, value in sorted(trained.run.timing.items())}
-    write_json_atomic(TIME_JSON, {**seconds, "total": round(time.perf_counter() - started, 2)})
+    # With the share of the machine the stage ran on (lib/cores.py), which the times depend on.
+    write_json_atomic(TIME_JSON, {**seconds, "total": round(time.perf_counter() - started, 2),
+                                  "threads": torch.get_num_threads(),
+                                  "loader_workers": loader_workers(trained.records.params.train.workers)})
     write_json_atomic(TRAIN_METRICS, {"val_accuracy": best.val_acc})
 
 

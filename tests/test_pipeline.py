@@ -105,7 +105,7 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
     assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "suspects", "train",
-                                 "evaluate", "export_backbone", "export", "latency"]
+                                 "evaluate", "heatmaps", "export_backbone", "export", "latency"]
     assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/index/summary.json").read_text())
     assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
@@ -126,7 +126,7 @@ def test_experiments_rerun_only_what_their_params_reach(project_copy):
     # A train param reruns train and what follows; a frozen model reuses the features and the
     # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
     experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check", "suspects", "train", "evaluate", "export", "latency"]
+    assert stages_run(experiment) == ["check", "suspects", "train", "evaluate", "heatmaps", "export", "latency"]
     assert "cached test features" in experiment and "joining its export" in experiment
     # A speed setting of evaluate does not retrain.
     experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
@@ -253,34 +253,43 @@ def test_dvc_from_the_venv_without_activating_it(project_copy, tmp_path):
         "(source .venv/bin/activate, set up by make run) or run through make (make repro)"]
 
 
-def test_a_queued_experiment_runs_in_the_background(project_copy):
+def test_two_queued_experiments_run_side_by_side_each_on_its_share_of_the_cores(project_copy, reproduced):
     work, env = project_copy
-    # An evaluate-only param, so the queued experiment runs check and evaluate alone:
-    # the queue's mechanics are under test here, not training.
-    run(["dvc", "exp", "run", "--queue", "-S", "evaluate.grid_images=3", "-n", "sweep-3"], work, env)
-    # The worker it starts inherits its stdout and stderr and lives on for up to 10 s after the queue
-    # empties: captured output would be waited for until the worker ends.
-    started = subprocess.run(["dvc", "queue", "start", "--jobs", "1"], cwd=work, env=env,
+    # The baseline ran on every core; train.workers 0 there.
+    baseline = json.loads((reproduced[0] / "metrics/train/time.json").read_text())
+    assert baseline["threads"] == len(os.sched_getaffinity(0)) and baseline["loader_workers"] == 0
+    # Loader workers differ, the model does not (lib/data.EpochSampler), so only check, suspects and
+    # train rerun: the queue's mechanics and the threads are under test here, not training.
+    names = {"share-2": 2, "share-3": 3}
+    for name, workers in names.items():
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.workers={workers}", "-n", name], work, env)
+    # The workers it starts inherit its stdout and stderr and live on for up to 10 s after the queue
+    # empties: captured output would be waited for until they end.
+    started = subprocess.run(["dvc", "queue", "start", "--jobs", "2"], cwd=work, env={**env, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert started.returncode == 0
 
-    def succeeded() -> bool:  # its git ref, refs/exps/<baseline>/sweep-3, appears when it succeeds
+    def finished() -> dict[str, str]:  # an experiment's git ref, refs/exps/<baseline>/NAME, appears when it succeeds
         refs = output(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], work, env).splitlines()
-        return any(ref.endswith("/sweep-3") for ref in refs)
+        return {ref.rsplit("/", 1)[1]: ref for ref in refs if ref.rsplit("/", 1)[1] in names}
 
-    # Polling git costs nothing; each `dvc queue status` takes a second of CPU from the worker.
+    # Polling git costs nothing; each `dvc queue status` takes a second of CPU from the workers.
     deadline = time.monotonic() + 300
     last_status = time.monotonic()
-    while not succeeded():
+    while len(finished()) < len(names):
         if time.monotonic() - last_status > 5:
             status = output(["dvc", "queue", "status"], work, env)
-            assert "Failed" not in status, status + output(["dvc", "queue", "logs", "sweep-3"], work, env)
+            assert "Failed" not in status, status + "".join(
+                output(["dvc", "queue", "logs", name], work, env) for name in names)
             assert time.monotonic() < deadline, status
             last_status = time.monotonic()
         time.sleep(0.2)
+    for name, ref in finished().items():
+        spent = json.loads(output(["git", "show", f"{ref}:metrics/train/time.json"], work, env))
+        assert (spent["threads"], spent["loader_workers"]) == (1, 1), name
     shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
-    row = next(row for row in csv.DictReader(io.StringIO(shown)) if row["Experiment"] == "sweep-3")
-    assert row["evaluate.grid_images"] == "3"
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown))}
+    assert {name: int(rows[name]["train.workers"]) for name in names} == names
 
 
 def test_push_clone_pull_then_nothing_to_reproduce(project_copy):

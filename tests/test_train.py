@@ -652,3 +652,22 @@ def test_layer_decay_lowers_the_rate_of_early_layers_geometrically():
     assert groups[0]["params"] == [backbone[7].weight, backbone[7].bias]
     assert groups[-1]["params"] == [backbone[0].weight]  # frozen weights are left out
     assert [g["lr"] for g in backbone_groups(backbone, 0.01, 1.0)] == [0.01] * 8
+
+
+def test_omp_num_threads_caps_the_stage_threads_and_its_loader_workers(monkeypatch):
+    from stages.lib.cores import cpu_threads
+    from stages.lib.data import make_loader
+
+    cores = len(os.sched_getaffinity(0))
+    for value, expected in (("1", 1), ("3", 3), ("", cores), ("0", cores), ("many", cores)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert cpu_threads() == expected, value
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert make_loader(list(range(4)), 2, None, workers=4, pin_memory=False).num_workers == 1
+    assert make_loader(list(range(4)), 2, None, workers=0, pin_memory=False).num_workers == 0
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert make_loader(list(range(4)), 2, None, workers=64, pin_memory=False).num_workers == cores
+    # torch itself reads the variable when it starts.
+    started = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+    assert started.stdout.strip() == "1"

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stages.lib.cli import die_with_parent
+from stages.lib.cores import loader_workers
 from stages.lib.images import load_image
 from stages.lib.params import AugmentParams
 from stages.lib.paths import RAW_DIR
@@ -140,7 +141,9 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, work
     """Worker processes decode and augment ahead of the model (several batches each), pinned
     memory lets a GPU copy overlap compute, and persistent workers skip a restart per epoch.
     No sampler: the dataset in order. The workers' seeds come from `seed`, not from torch's global
-    generator, whose draws (dropout) must not depend on when a loader starts."""
+    generator, whose draws (dropout) must not depend on when a loader starts. At most one worker
+    per core the stage may use (lib/cores.py)."""
+    workers = loader_workers(workers)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed), persistent_workers=persistent and workers > 0,

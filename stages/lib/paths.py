@@ -24,7 +24,7 @@ TRAIN_METRICS = Path("metrics/train.json")  # the best epoch's val accuracy
 LIVE_DIR = Path("metrics/train")  # DVCLive: the best epoch's val scores (metrics.json) and per-epoch plots
 CURVES_PNG = LIVE_DIR / "learning_curves.png"
 HEAD_SEARCH_CSV = LIVE_DIR / "head_search.csv"  # the head settings tried (lib/head_search.py)
-TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work; not in metrics.json, which is reproducible
+TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work, threads; not in metrics.json, which is reproducible
 
 LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicates across splits: their count
 LEAKS_SUMMARY = Path("metrics/leaks/summary.json")  # and the threshold, the images of each split in a pair
