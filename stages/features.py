@@ -9,37 +9,58 @@ scores a frozen model on them without running the backbone again (lib/features.p
 lib/extraction.py, the backbone's run over the images).
 
 The output depends only on the data, the backbone and the augmentation, so experiments that
-change the head, optimizer or strategy reuse it.
+change the head, optimizer or strategy reuse it. Each image's vectors are also kept between runs
+in data/cache/features/ (lib/feature_cache.py): when images are added or changed, only those go
+through the backbone, and the outputs are those a run from an empty cache writes.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+from pathlib import Path
+
 import torch
 
-from stages.lib.backbones import load_pretrained_backbone
+from stages.lib.backbones import load_pretrained_backbone, read_pretrained_and_sha256
 from stages.lib.cli import run_stage
 from stages.lib.extraction import augmentation_preview, extract_split, inference_graph
+from stages.lib.feature_cache import prune, setting_key
 from stages.lib.features import save_features
-from stages.lib.files import file_sha256
 from stages.lib.index_table import read_split
 from stages.lib.params import load_params
-from stages.lib.paths import AUGMENTATIONS_PNG, PRETRAINED
+from stages.lib.paths import AUGMENTATIONS_PNG, FEATURE_CACHE, PRETRAINED
 from stages.lib.plots import save_view_grid
+from stages.lib.preprocessing import Preprocessing
 from stages.lib.runtime import pick_device
+
+log = logging.getLogger("features")
 
 
 def main() -> None:
     params = load_params()
     device = pick_device()
-    backbone, prep = load_pretrained_backbone(PRETRAINED, device)
-    example = torch.zeros(params.features.batch_size, 3, prep.input_size, prep.input_size, device=device)
-    backbone = inference_graph(backbone, example.contiguous(memory_format=torch.channels_last))
+    pretrained, pretrained_sha256 = read_pretrained_and_sha256(PRETRAINED)
+    prep = Preprocessing.from_dict(pretrained["preprocessing"])
+
+    @cache
+    def backbone():
+        # Built only when some image is not in the cache yet.
+        network, _ = load_pretrained_backbone(PRETRAINED, device)
+        example = torch.zeros(params.features.batch_size, 3, prep.input_size, prep.input_size, device=device)
+        return inference_graph(network, example.contiguous(memory_format=torch.channels_last))
+
     # Which pretrained file made these features: they serve only a model built on it.
-    source = {"backbone": params.model.backbone, "pretrained_sha256": file_sha256(PRETRAINED),
+    source = {"backbone": params.model.backbone, "pretrained_sha256": pretrained_sha256,
               "preprocessing": prep.to_dict()}
+    setting = setting_key(pretrained_sha256, prep)
+    used: set[Path] = set()
     for split in ("train", "val", "test"):
-        torch.manual_seed(params.features.seed)
-        save_features(split, {**source, **extract_split(split, backbone, prep, params, device)})
+        features, files = extract_split(split, backbone, prep, params, device, FEATURE_CACHE / setting)
+        save_features(split, {**source, **features})
+        used |= files
+    files, size = prune(FEATURE_CACHE, setting, used)
+    log.info("%s: %d vectors, %.1f MB (only this backbone's and these images')", FEATURE_CACHE, files, size / 1e6)
     save_view_grid(*augmentation_preview(read_split("train"), prep, params), AUGMENTATIONS_PNG,
                    "what the network sees in training: the plain view, then random augmentations (augment params)")
 

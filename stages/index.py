@@ -17,7 +17,15 @@ from stages.lib.files import write_csv_atomic, write_json_atomic
 from stages.lib.labels import list_labelled_images
 from stages.lib.layouts import SPLITS, list_images
 from stages.lib.params import load_params
-from stages.lib.paths import CLASSES_JSON, DATA_METRICS, DATA_SUMMARY, DATASET_PNG, INDEX_CSV, RAW_DIR
+from stages.lib.paths import (
+    CLASSES_JSON,
+    DATA_METRICS,
+    DATA_SUMMARY,
+    DATASET_PNG,
+    INDEX_CSV,
+    RAW_DIR,
+    VALIDATED_JSON,
+)
 from stages.lib.plots import save_dataset_overview
 from stages.lib.splits import (
     IMBALANCE_WARNING,
@@ -26,8 +34,10 @@ from stages.lib.splits import (
     data_summary,
     describe_groups,
     drop_duplicates,
+    read_validated,
     skipped_summary,
     validate,
+    write_validated,
 )
 
 log = logging.getLogger("index")
@@ -56,7 +66,13 @@ def main() -> None:
     else:
         (layout, classes, candidates, skipped), unlisted = list_images(RAW_DIR), None
     workers = params.workers or cpu_threads()
-    valid, invalid = validate(candidates, RAW_DIR, params.max_pixels, workers)
+    known = read_validated(VALIDATED_JSON, params.max_pixels)
+    valid, invalid, found = validate(candidates, RAW_DIR, params.max_pixels, workers, known)
+    # Only the files present now: the cache never outgrows the data.
+    write_validated(VALIDATED_JSON, params.max_pixels, found)
+    log.info("%d files validated: %d contents decoded, %d known from the last run (%s, %.1f MB)", len(candidates),
+             len(set(found) - set(known)), len(set(found) & set(known)), VALIDATED_JSON,
+             VALIDATED_JSON.stat().st_size / 1e6)
     images, duplicates = drop_duplicates(valid)
     skipped += invalid + duplicates
     empty = sorted(set(classes) - {im.class_name for im in images})

@@ -43,7 +43,7 @@ def draw_pairs(pairs, count: int) -> None:
 
 def main() -> None:
     params = load_params().leaks
-    splits = {name: read_features(name) for name in ("train", "val", "test")}
+    splits = {name: read_features(name, in_memory=True) for name in ("train", "val", "test")}
     pairs = cross_split_pairs(splits, params.threshold)
     write_csv_atomic(LEAK_PAIRS_CSV, pairs)
     summary = leak_summary(pairs, params.threshold)

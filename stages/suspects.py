@@ -38,7 +38,7 @@ GALLERY = 16
 
 def train_and_val() -> tuple[dict, list[str], list[str]]:
     """The train and val features as one split (the views both have), with each image's path and split."""
-    train, val = read_features("train"), read_features("val")
+    train, val = read_features("train", in_memory=True), read_features("val", in_memory=True)
     views = [view for view in train["views"] if view in val["views"]]
     pick = lambda split: split["features"][:, [split["views"].index(v) for v in views]]  # noqa: E731
     merged = {"features": np.concatenate([pick(train), pick(val)]), "views": views,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -54,5 +56,46 @@ def test_features_are_reproducible(tiny_project, workers):
     files = [f"data/features/{split}.safetensors" for split in ("train", "val", "test")]
     files.append("metrics/features/augmentations.png")
     first = {name: (root / name).read_bytes() for name in files}
+    shutil.rmtree(root / "data/cache/features")  # else the run reads what the first one computed
     features.main()
     assert {name: (root / name).read_bytes() for name in files} == first
+
+
+def through_backbone(caplog) -> int:
+    """Images the last features run put through the backbone, from its log."""
+    lines = [r.getMessage() for r in caplog.records if "images through the backbone" in r.getMessage()]
+    return sum(int(line.split(") (")[1].split(" images")[0]) for line in lines[-3:])
+
+
+@pytest.mark.slow  # index and features three times
+def test_added_images_alone_go_through_the_backbone_and_the_outputs_equal_a_fresh_run(tiny_project, caplog):
+    import logging
+
+    from stages import index
+    from tests.conftest import write_gradient_image
+
+    caplog.set_level(logging.INFO)
+    root = tiny_project(run_features=False, features={"views": 1})
+    index.main()
+    features.main()
+    assert through_backbone(caplog) == 28
+    for i in range(3):  # about 10% more images
+        write_gradient_image(root / f"data/raw/red/new_{i}.png", (150 + i, 60, 20))
+    write_gradient_image(root / "data/raw/blue/new_b.png", (20, 60, 150))
+    index.main()
+    table = pd.read_csv(root / "data/index.csv")
+    features.main()
+    # The new images, and any existing one the split moved into train (it now needs the mirrored
+    # and augmented views): at most one per cut and added image.
+    assert 4 <= through_backbone(caplog) <= 4 + 2 * 4
+    files = [root / f"data/features/{split}.safetensors" for split in ("train", "val", "test")]
+    incremental = [path.read_bytes() for path in files]
+    cache = root / "data/cache/features"
+    vectors = sorted(p.relative_to(cache) for p in cache.rglob("*.npy"))
+    views = {"train": 3, "val": 1, "test": 1}
+    assert len(vectors) == sum(views[split] for split in table["split"])  # nothing else is kept
+    shutil.rmtree(cache)
+    features.main()
+    assert through_backbone(caplog) == 32
+    assert [path.read_bytes() for path in files] == incremental
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*.npy")) == vectors

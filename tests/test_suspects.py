@@ -60,7 +60,7 @@ def test_clean_labels_give_few_suspects():
 def test_the_stage_puts_flipped_labels_first(tiny_project):
     # a head that learns the tiny colours: enough epochs at a high rate
     root = tiny_project(strategy="frozen", train={"head_epochs": 40, "lr": 0.05, "label_smoothing": 0.0})
-    train = read_features("train")
+    train = read_features("train", in_memory=True)
     classes = json.loads((root / "data/classes.json").read_text())
     flipped = [0, 3]
     train["labels"] = train["labels"].copy()

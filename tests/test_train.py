@@ -671,3 +671,32 @@ def test_omp_num_threads_caps_the_stage_threads_and_its_loader_workers(monkeypat
     started = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
     assert started.stdout.strip() == "1"
+
+
+def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, monkeypatch):
+    from stages.lib.classifier import make_head
+    from stages.lib.features import OnDisk, read_features
+    from stages.lib.params import load_params
+    from stages.lib.training import Run, fit_head
+
+    params = load_params()
+    read_rows = []
+    real = OnDisk.__getitem__
+    monkeypatch.setattr(OnDisk, "__getitem__", lambda self, key: read_rows.append(len(r := real(self, key))) or r)
+
+    def trained(in_memory: bool) -> tuple[dict, list]:
+        train, val = (read_features(split, in_memory=in_memory) for split in ("train", "val"))
+        torch.manual_seed(0)
+        head = make_head(train["features"].shape[-1], 2, "linear", 0, 0.2)
+        run = Run(params, torch.device("cpu"), 2)
+        epochs = [epoch.result.val_loss for epoch in fit_head(head, train, val, run, 1)]
+        return head.state_dict(), epochs
+
+    on_disk, on_disk_losses = trained(False)
+    assert read_rows and max(read_rows) <= params.train.head_batch_size  # a batch at a time, never the split
+    assert len(read_rows) > params.train.head_epochs  # every epoch read its batches anew
+    read_rows.clear()
+    in_memory, in_memory_losses = trained(True)
+    assert not read_rows
+    assert on_disk_losses == in_memory_losses
+    assert all(torch.equal(on_disk[name], in_memory[name]) for name in on_disk)

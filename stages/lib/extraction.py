@@ -3,14 +3,19 @@ views the head trains and is scored on (lib/features.py reads the cache)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stages.lib.data import decode_size, eval_transform, make_loader, train_transform
+from stages.lib.feature_cache import has_vector, read_vector, vector_path, view_key, write_vector
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.params import Params
@@ -21,11 +26,14 @@ log = logging.getLogger("features")
 
 
 class MultiViewDataset(Dataset):
-    """Each image decoded once, returned as a stack of views: plain, [mirrored], then augmented."""
+    """Each image decoded once, returned as a stack of views: plain, [mirrored], then augmented.
+    The i-th augmented view of an image is drawn from a generator seeded by (seed, the image's
+    content hash, i): the same whatever other images are in the run, the batch or the worker."""
 
-    def __init__(self, paths: list[str], plain, augmented, mirrored: bool, views: int, min_size: int):
-        self.paths, self.plain, self.augmented = paths, plain, augmented
-        self.mirrored, self.views, self.min_size = mirrored, views, min_size
+    def __init__(self, paths: list[str], sha256s: list[str], plain, augmented, mirrored: bool, views: int,
+                 min_size: int, seed: int):
+        self.paths, self.sha256s, self.plain, self.augmented = paths, sha256s, plain, augmented
+        self.mirrored, self.views, self.min_size, self.seed = mirrored, views, min_size, seed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -34,7 +42,15 @@ class MultiViewDataset(Dataset):
         image = load_image(RAW_DIR / self.paths[i], self.min_size)
         plain = self.plain(image)
         stack = [plain, plain.flip(-1)] if self.mirrored else [plain]
-        return torch.stack(stack + [self.augmented(image) for _ in range(self.views)])
+        for view in range(self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, self.sha256s[i], view))
+                stack.append(self.augmented(image))
+        return torch.stack(stack)
+
+
+def view_seed(seed: int, sha256: str, view: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sha256}:{view}".encode()).digest()[:8], "little")
 
 
 def view_names(mirrored: bool, augmented: int) -> list[str]:
@@ -70,24 +86,45 @@ def extract(backbone: torch.nn.Module, loader: DataLoader, device: torch.device,
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
         n, v = batch.shape[:2]
         flat = batch.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
-        out.append(backbone(flat).float().cpu().view(n, v, -1))
+        # CPU kernels give an input the same bits in any batch of two or more, but other bits
+        # alone (2.6e-6 apart on Lite2): a lone input runs doubled, so that an image's features
+        # do not depend on which images share its batch, and a run that computes only new images
+        # writes what a run from an empty cache writes.
+        features = backbone(flat.repeat(2, 1, 1, 1))[:1] if len(flat) == 1 else backbone(flat)
+        out.append(features.float().cpu().view(n, v, -1))
     return torch.cat(out)
 
 
-def extract_split(split: str, backbone, prep: Preprocessing, params: Params, device: torch.device) -> dict:
+def extract_split(split: str, backbone: Callable[[], torch.nn.Module], prep: Preprocessing, params: Params,
+                  device: torch.device, cache: Path) -> tuple[dict, set[Path]]:
+    """A split's features [images, views, width], from the per-image cache (lib/feature_cache.py)
+    where it has them; the backbone (`backbone()` builds it, only if needed) runs on the other
+    images, whose vectors then join the cache. Also the cache files the split uses."""
     rows = read_split(split)
+    paths, sha256s = rows["path"].tolist(), rows["sha256"].tolist()
     mirrored, augmented = split_views(split, params)
-    dataset = MultiViewDataset(rows["path"].tolist(), eval_transform(prep), train_transform(prep, params.augment),
-                               mirrored, augmented, decode_size(prep, augmented > 0))
     views = view_names(mirrored, augmented)
-    # batch_size counts backbone inputs: small batches run faster on CPU (they stay in cache).
-    images_per_batch = max(1, params.features.batch_size // len(views))
-    loader = make_loader(dataset, images_per_batch, None, params.features.workers, device.type == "cuda",
-                         params.features.seed, persistent=False)
-    features = extract(backbone, loader, device, f"features {split}")
-    log.info("%s: %d images x %d views -> %s", split, len(rows), len(views), tuple(features.shape))
-    return {"views": views, "features": features, "labels": torch.tensor(rows["label"].tolist()),
-            "paths": rows["path"].tolist()}
+    keys = [view_key(view, params.augment, params.features.seed) for view in views]
+    missing = [i for i, sha in enumerate(sha256s) if not all(has_vector(cache, key, sha) for key in keys)]
+    if missing:
+        dataset = MultiViewDataset([paths[i] for i in missing], [sha256s[i] for i in missing], eval_transform(prep),
+                                   train_transform(prep, params.augment), mirrored, augmented,
+                                   decode_size(prep, augmented > 0), params.features.seed)
+        # batch_size counts backbone inputs: small batches run faster on CPU (they stay in cache).
+        images_per_batch = max(1, params.features.batch_size // len(views))
+        loader = make_loader(dataset, images_per_batch, None, params.features.workers, device.type == "cuda",
+                             params.features.seed, persistent=False)
+        computed = extract(backbone(), loader, device, f"features {split}").numpy()
+        for i, vectors in zip(missing, computed):
+            for key, vector in zip(keys, vectors):
+                if not has_vector(cache, key, sha256s[i]):
+                    write_vector(cache, key, sha256s[i], vector)
+    features = np.stack([np.stack([read_vector(cache, key, sha) for key in keys]) for sha in sha256s])
+    log.info("%s: %d images x %d views -> %s (%d images through the backbone, %d from %s)", split, len(rows),
+             len(views), tuple(features.shape), len(missing), len(rows) - len(missing), cache.parent)
+    used = {vector_path(cache, key, sha) for key in keys for sha in sha256s}
+    return {"views": views, "features": features, "labels": np.asarray(rows["label"].tolist(), dtype=np.int64),
+            "paths": paths}, used
 
 
 def augmentation_preview(rows, prep: Preprocessing, params: Params, images: int = 4, views: int = 5):

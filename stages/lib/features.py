@@ -9,7 +9,10 @@ Reading the cache and scoring a head on it take numpy alone: no torch.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,14 +31,50 @@ def save_features(split: str, cache: dict) -> None:
     save_tensors_atomic(features_file(split), tensors, {k: v for k, v in cache.items() if k not in tensors})
 
 
-def read_features(split: str) -> dict:
-    """A split's cache: features [images, views, width] (float32) and labels as numpy arrays, and
-    its views, paths and pretrained_sha256."""
+@dataclass(frozen=True)
+class OnDisk:
+    """A float32 array [images, views, width] in a features file, read piece by piece: indexing
+    it (numpy's way) reads only what the index selects, through a memory map opened for that read
+    alone, so nothing stays mapped into the process. The head trains and scores batch by batch on
+    it, so a stage's memory does not grow with the number of images."""
+
+    path: Path
+    offset: int  # of the array's first byte in the file
+    shape: tuple[int, ...]
+
+    def __getitem__(self, key) -> np.ndarray:
+        mapped = np.memmap(self.path, np.float32, "r", self.offset, self.shape)
+        try:
+            return np.array(mapped[key])
+        finally:
+            del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def features_on_disk(path: Path) -> OnDisk:
+    """The features array of a file save_tensors_atomic wrote, where its header says it lies."""
+    with path.open("rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        entry = json.loads(file.read(header_size))["features"]
+    if entry["dtype"] != "F32":
+        raise ValueError(f"features stored as {entry['dtype']}, not F32")
+    return OnDisk(path, 8 + header_size + entry["data_offsets"][0], tuple(entry["shape"]))
+
+
+def read_features(split: str, in_memory: bool = False) -> dict:
+    """A split's cache: features [images, views, width] (float32: OnDisk, or with `in_memory` a
+    numpy array) and labels (numpy), and its views, paths and pretrained_sha256."""
     path = features_file(split)
     if not path.is_file():
         raise UserError(f"{path}: not found; run the features stage first (dvc repro)")
     try:
-        tensors, meta = read_tensors(path)
+        if in_memory:
+            tensors, meta = read_tensors(path)
+        else:
+            tensors, meta = read_tensors(path, names=("labels",))
+            tensors["features"] = features_on_disk(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file means the same here
         raise UserError(f"{path}: not a feature cache this code reads ({str(error).splitlines()[0]}); "
                         "run dvc repro to rebuild it") from None

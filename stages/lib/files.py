@@ -12,7 +12,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from stages.lib.cli import UserError
 
@@ -46,16 +46,16 @@ def save_tensors_atomic(target: Path, tensors: dict, meta: dict) -> None:
         tmp.write_bytes(data)
 
 
-def read_tensors(path: Path) -> tuple[dict, dict]:
-    """The numpy arrays and the metadata of a file save_tensors_atomic wrote; raises (safetensors'
-    SafetensorError, or ValueError) for a file of another kind."""
+def read_tensors(path: Path, names: Sequence[str] | None = None) -> tuple[dict, dict]:
+    """The numpy arrays (all, or those `names`) and the metadata of a file save_tensors_atomic
+    wrote; raises (safetensors' SafetensorError, or ValueError) for a file of another kind."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as file:
         meta = json.loads((file.metadata() or {}).get(TENSORS_META, "null"))
         if not isinstance(meta, dict):
             raise ValueError("a safetensors file without this project's metadata")
-        return {name: file.get_tensor(name) for name in file.keys()}, meta
+        return {name: file.get_tensor(name) for name in (file.keys() if names is None else names)}, meta
 
 
 def unwritable(target: Path, error: OSError) -> UserError:

@@ -36,13 +36,21 @@ def head_logits(layers: Layers, features: np.ndarray) -> np.ndarray:
     return scores
 
 
+CHUNK = 4096  # images scored at once: the memory of a chunk, whatever the split's size
+
+
 def feature_probabilities(layers: Layers, split: dict, tta: str) -> np.ndarray:
-    """Class probabilities from cached features (lib/features.py): the plain view, averaged with
-    the mirrored one for tta=hflip, as lib/inference.py does on images."""
-    views = split["views"]
-    probs = softmax(head_logits(layers, split["features"][:, views.index("plain")]))
-    if tta == "hflip":
-        if "hflip" not in views:
-            raise UserError("cached features lack the mirrored view that model.tta=hflip needs; run dvc repro")
-        probs = (probs + softmax(head_logits(layers, split["features"][:, views.index("hflip")]))) / 2
-    return probs
+    """Class probabilities from cached features (lib/features.py; an array or OnDisk), chunk by
+    chunk: the plain view, averaged with the mirrored one for tta=hflip, as lib/inference.py does
+    on images."""
+    views, features = split["views"], split["features"]
+    if tta == "hflip" and "hflip" not in views:
+        raise UserError("cached features lack the mirrored view that model.tta=hflip needs; run dvc repro")
+    chunks = []
+    for start in range(0, len(features), CHUNK):
+        rows = slice(start, start + CHUNK)
+        probs = softmax(head_logits(layers, features[rows, views.index("plain")]))
+        if tta == "hflip":
+            probs = (probs + softmax(head_logits(layers, features[rows, views.index("hflip")]))) / 2
+        chunks.append(probs)
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(layers[-1][1])), np.float32)

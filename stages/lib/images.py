@@ -93,15 +93,19 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
         return upright_rgb(image)
 
 
-def inspect_file(job: tuple[str, int]) -> tuple[str, int, int, str]:
+def inspect_file(job: tuple[str, int], known: dict | None = None) -> tuple[str, int, int, str]:
     """(sha256, width, height, reason) for one file; reason is "" for a usable image. The size is
-    the upright image's, as load_image gives it."""
+    the upright image's, as load_image gives it. A file whose content is in `known` (sha256 ->
+    [width, height, reason], from an earlier run with the same limits) is read and hashed, not decoded."""
     path, max_pixels = job
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         return "", 0, 0, f"unreadable ({err.strerror})"
     digest = hashlib.sha256(data).hexdigest()
+    if known and digest in known:
+        width, height, reason = known[digest]
+        return digest, width, height, reason
     if not data:
         return digest, 0, 0, "empty file"
     try:
@@ -127,7 +131,21 @@ def disable_pil_pixel_limit() -> None:
     Image.MAX_IMAGE_PIXELS = None
 
 
-def inspect_files(paths: list[Path], max_pixels: int, workers: int) -> Iterable[tuple[str, int, int, str]]:
+_known_in_worker: dict = {}  # a validation worker's copy of inspect_files' `known`
+
+
+def start_inspector(known: dict) -> None:
+    global _known_in_worker
+    disable_pil_pixel_limit()
+    _known_in_worker = known
+
+
+def inspect_in_worker(job: tuple[str, int]) -> tuple[str, int, int, str]:
+    return inspect_file(job, _known_in_worker)
+
+
+def inspect_files(paths: list[Path], max_pixels: int, workers: int,
+                  known: dict | None = None) -> Iterable[tuple[str, int, int, str]]:
     """inspect_file for each path, in order, in `workers` processes."""
     from tqdm import tqdm
 
@@ -135,9 +153,10 @@ def inspect_files(paths: list[Path], max_pixels: int, workers: int) -> Iterable[
     progress = dict(total=len(jobs), desc="validating images", unit="img", disable=None)
     if workers == 1:
         disable_pil_pixel_limit()
-        yield from tqdm(map(inspect_file, jobs), **progress)
+        yield from tqdm((inspect_file(job, known) for job in jobs), **progress)
         return
     # spawn, not fork: forking a process that already runs threads (torch's, in the tests or a
-    # notebook) can deadlock the children on a lock held at fork time.
-    with get_context("spawn").Pool(workers, initializer=disable_pil_pixel_limit) as pool:
-        yield from tqdm(pool.imap(inspect_file, jobs, chunksize=8), **progress)
+    # notebook) can deadlock the children on a lock held at fork time. Each worker gets `known`
+    # once, when it starts.
+    with get_context("spawn").Pool(workers, initializer=start_inspector, initargs=(known or {},)) as pool:
+        yield from tqdm(pool.imap(inspect_in_worker, jobs, chunksize=8), **progress)

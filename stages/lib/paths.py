@@ -9,6 +9,9 @@ SHELF_DIR = Path("data/archives")  # archives the project ships, found before th
 RAW_DIR = Path("data/raw")
 INDEX_CSV = Path("data/index.csv")
 CLASSES_JSON = Path("data/classes.json")
+# What the index stage found per image content, so an unchanged image is not decoded again (persist: true)
+VALIDATED_JSON = Path("data/cache/images.json")
+FEATURE_CACHE = Path("data/cache/features")  # each image's feature vectors, kept between runs (persist: true)
 DATA_METRICS = Path("metrics/data.json")  # the headline numbers: what `dvc metrics show` prints
 DATA_SUMMARY = Path("metrics/index/summary.json")  # all of them: counts per split and class, skipped files
 DATASET_PNG = Path("metrics/index/dataset.png")  # images per class and split, image sizes

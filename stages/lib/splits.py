@@ -3,6 +3,8 @@ shuffled table written to data/index.csv, and the summary in metrics/index/summa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
@@ -13,8 +15,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import PIL
 
 from stages.lib.cli import UserError
+from stages.lib.files import write_json_atomic
 from stages.lib.images import inspect_files
 from stages.lib.layouts import SPLITS, Candidate
 from stages.lib.params import IndexParams
@@ -27,15 +31,42 @@ KEEP_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
 CSV_COLUMNS = ["path", "class", "label", "split", "sha256", "width", "height"]
 
 
-def validate(images: list[Candidate], raw: Path, max_pixels: int, workers: int) -> tuple[list[Candidate], list[dict]]:
-    usable, skipped = [], []
-    inspected = inspect_files([raw / image.path for image in images], max_pixels, workers)
+VALIDATED_VERSION = 1  # of data/cache/images.json's entries
+
+
+def read_validated(path: Path, max_pixels: int) -> dict:
+    """sha256 -> [width, height, reason] of the files an earlier run validated, if it ran with the
+    same index.max_pixels and Pillow (which decides what decodes); else nothing."""
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != VALIDATED_VERSION or cache.get(
+            "pillow") != PIL.__version__ or cache.get("max_pixels") != max_pixels:
+        return {}
+    return cache.get("images", {})
+
+
+def write_validated(path: Path, max_pixels: int, entries: dict) -> None:
+    write_json_atomic(path, {"version": VALIDATED_VERSION, "pillow": PIL.__version__, "max_pixels": max_pixels,
+                             "images": dict(sorted(entries.items()))})
+
+
+def validate(images: list[Candidate], raw: Path, max_pixels: int, workers: int,
+             known: dict | None = None) -> tuple[list[Candidate], list[dict], dict]:
+    """The usable images (with content hash and size), the skipped ones with their reason, and
+    what was found per content hash (for `known` next time: a file whose content is in `known` is
+    not decoded again)."""
+    usable, skipped, found = [], [], {}
+    inspected = inspect_files([raw / image.path for image in images], max_pixels, workers, known)
     for image, (digest, width, height, reason) in zip(images, inspected):
+        if digest:
+            found[digest] = [width, height, reason]
         if reason:
             skipped.append({"path": image.path, "reason": reason})
         else:
             usable.append(replace(image, sha256=digest, width=width, height=height))
-    return usable, skipped
+    return usable, skipped, found
 
 
 def drop_duplicates(images: list[Candidate]) -> tuple[list[Candidate], list[dict]]:
@@ -57,20 +88,33 @@ def drop_duplicates(images: list[Candidate]) -> tuple[list[Candidate], list[dict
     return sorted(kept, key=lambda im: im.path), skipped
 
 
-def stratified_split(
-    class_names: Sequence[str], ratios: Sequence[float], split_names: Sequence[str], seed: int
-) -> list[str]:
-    """A split name per item: each class is shuffled and cut by `ratios`, within one image of exact.
+def seeded_order(keys: Sequence[str], seed: int) -> list[int]:
+    """Positions of `keys` in a seeded pseudo-random order that each key keeps whatever else is in
+    the list: sorted by the hash of (seed, key). A new key lands somewhere in the order; the others
+    keep theirs."""
+    return sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).digest())
 
-    The first split takes what is left after rounding the others, so no image is lost.
+
+def stratified_split(
+    class_names: Sequence[str], ratios: Sequence[float], split_names: Sequence[str], seed: int,
+    keys: Sequence[str],
+) -> list[str]:
+    """A split name per item: each class in its seeded order (`seeded_order` of the items' `keys`,
+    their content hashes) and cut by `ratios`, within one image of exact.
+
+    The first split takes what is left after rounding the others, so no image is lost. Because an
+    item's place in the order does not depend on the others, adding images to a dataset moves
+    only the few existing images at each cut to the next split (for each image added to a class,
+    at most one per cut), instead of drawing every split anew: test images stay test images as a
+    dataset grows, and cached features stay valid.
     """
-    rng = np.random.default_rng(seed)
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, name in enumerate(class_names):
         by_class[name].append(i)
     assigned = [""] * len(class_names)
     for name in sorted(by_class):
-        members = rng.permutation(by_class[name])
+        items = by_class[name]
+        members = [items[j] for j in seeded_order([keys[i] for i in items], seed)]
         counts = [math.floor(len(members) * r + 0.5) for r in ratios[1:]]
         counts.insert(0, len(members) - sum(counts))
         if min(counts) < 1:
@@ -120,7 +164,7 @@ def grouped_split(class_names: Sequence[str], groups: Sequence[str], ratios: Seq
     for i, group in enumerate(groups):
         members[group].append(i)
     names = list(members)
-    shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    shuffled = [names[i] for i in seeded_order(names, seed)]
     order = sorted(shuffled, key=lambda g: -len(members[g]))  # stable: equal sizes stay shuffled
     totals = Counter(class_names)
     placed = {split: Counter() for split in split_names}
@@ -143,10 +187,10 @@ def grouped_split(class_names: Sequence[str], groups: Sequence[str], ratios: Seq
     return assigned
 
 
-def split_by_ratios(names: list[str], groups: list[str] | None, ratios: Sequence[float],
+def split_by_ratios(names: list[str], keys: list[str], groups: list[str] | None, ratios: Sequence[float],
                     split_names: Sequence[str], seed: int) -> list[str]:
     if groups is None:
-        return stratified_split(names, ratios, split_names, seed)
+        return stratified_split(names, ratios, split_names, seed, keys)
     return grouped_split(names, groups, ratios, split_names, seed)
 
 
@@ -154,10 +198,11 @@ def assign_splits(images: list[Candidate], params: IndexParams) -> list[str]:
     """Each image's split: the folders' (or the CSV's) where they give val and test; otherwise
     made by the ratios, keeping each `index.group_by` group in one split."""
     names = [im.class_name for im in images]
+    keys = [im.sha256 or im.path for im in images]
     groups = group_keys([im.path for im in images], params.group_by) if params.group_by else None
     folder_splits = {im.folder_split for im in images} - {None}
     if folder_splits <= {"train"}:
-        return split_by_ratios(names, groups, params.split_ratios, SPLITS, params.seed)
+        return split_by_ratios(names, keys, groups, params.split_ratios, SPLITS, params.seed)
     if "train" not in folder_splits:
         raise UserError(f"the given splits are {sorted(folder_splits)}, with no train images; mark some images train")
     if groups is not None:
@@ -174,7 +219,8 @@ def assign_splits(images: list[Candidate], params: IndexParams) -> list[str]:
     # carved out of train.
     splits = ["test" if im.folder_split != "train" else "" for im in images]
     train_rows = [i for i, s in enumerate(splits) if not s]
-    carved = split_by_ratios([names[i] for i in train_rows], [groups[i] for i in train_rows] if groups else None,
+    carved = split_by_ratios([names[i] for i in train_rows], [keys[i] for i in train_rows],
+                             [groups[i] for i in train_rows] if groups else None,
                              (1 - params.val_fraction, params.val_fraction), ("train", "val"), params.seed)
     for i, split in zip(train_rows, carved):
         splits[i] = split

@@ -190,16 +190,21 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
     return total_loss / seen, correct / seen
 
 
-def shuffled_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+def shuffled_batches(features, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                      sample_weights: torch.Tensor | None = None):
-    """One epoch of shuffled batches sliced from tensors in memory: a DataLoader would index and
-    collate every sample one by one, which costs more than the head's training itself. With
-    `sample_weights`, as many items drawn with replacement by those weights (class-balanced)."""
+    """One epoch of shuffled batches of cached features ([images, views, width], an array or
+    OnDisk; item i is image i // views in view i % views), each read when it is due: a DataLoader
+    would index and collate every sample one by one, which costs more than the head's training
+    itself. With `sample_weights`, as many items drawn with replacement by those weights
+    (class-balanced)."""
     if sample_weights is None:
         order = torch.randperm(len(labels), generator=generator)
     else:
         order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=generator)
-    return [(inputs[i], labels[i]) for i in order.split(batch_size)]
+    views = features.shape[1]
+    for items in order.split(batch_size):
+        chosen = items.numpy()
+        yield torch.from_numpy(features[chosen // views, chosen % views]), labels[items]
 
 
 def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
@@ -207,7 +212,6 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
     milliseconds, so an interrupted head phase starts over rather than resuming."""
     settings = run.params.train
     views = train["features"].shape[1]
-    inputs = torch.from_numpy(train["features"]).flatten(0, 1)
     labels = torch.from_numpy(train["labels"]).repeat_interleave(views)
     generator = torch.Generator().manual_seed(settings.seed)
     sample_weights = balanced_sample_weights(labels, run.classes) if settings.class_weighting == "sampler" else None
@@ -219,7 +223,7 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
         started = time.perf_counter()
         head.train()
         lr = opt.lr()
-        batches = shuffled_batches(inputs, labels, settings.head_batch_size, generator, sample_weights)
+        batches = shuffled_batches(train["features"], labels, settings.head_batch_size, generator, sample_weights)
         train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
         probs = feature_probabilities(head_layers(head.state_dict()), val, run.params.model.tta)
         run.timing["head"] += time.perf_counter() - started

@@ -1,0 +1,100 @@
+"""Per-image features kept between runs, so that a few new images cost a few backbone passes.
+
+data/cache/features/ is an output of the features stage marked `persist: true` in dvc.yaml: DVC
+does not delete it before the stage runs, stores each of its files once in its cache (a new run
+adds only its new files), and pushes and pulls it like any output. Each image's vector of one view
+is a file `<setting>/<view>/<sha256[:2]>/<sha256>.npy`:
+
+- the setting is a hash of what makes the backbone's output for an image: the pretrained weights
+  (their file's sha256), the preprocessing (sizes, normalisation, interpolation) and the versions
+  of torch, torchvision, timm and Pillow;
+- the view is `plain`, `hflip`, or `augmented_<i>-<hash>`, the hash of the augment params and
+  `features.seed`, since an augmented view is drawn from a generator seeded by (features.seed, the
+  image's content hash, i): it depends on nothing else, so it is the same in any run;
+- the image is its content's sha256 (the index's column): a renamed file is still known, an
+  edited one is new.
+
+A change of backbone, weights, preprocessing or augmentation is a new setting or view: everything is
+computed, as without a cache. After each run only the current setting's files of images in the
+index remain, so the cache never outgrows one run's features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from stages.lib.params import AugmentParams
+from stages.lib.preprocessing import Preprocessing
+
+
+def short_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def setting_key(pretrained_sha256: str, prep: Preprocessing) -> str:
+    """The backbone's weights and input, and the versions of the code that computes and decodes."""
+    import PIL
+    import timm
+    import torch
+    import torchvision
+
+    return short_hash({"pretrained_sha256": pretrained_sha256, "preprocessing": prep.to_dict(),
+                       "versions": [torch.__version__, torchvision.__version__, timm.__version__, PIL.__version__]})
+
+
+def view_key(view: str, augment: AugmentParams, seed: int) -> str:
+    if not view.startswith("augmented_"):
+        return view
+    return f"{view}-{short_hash({'augment': augment.model_dump(), 'seed': seed})}"
+
+
+def vector_path(root: Path, view: str, sha256: str) -> Path:
+    return root / view / sha256[:2] / f"{sha256}.npy"
+
+
+def has_vector(root: Path, view: str, sha256: str) -> bool:
+    return vector_path(root, view, sha256).is_file()
+
+
+def read_vector(root: Path, view: str, sha256: str) -> np.ndarray:
+    return np.load(vector_path(root, view, sha256), allow_pickle=False)
+
+
+def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None:
+    """One vector, written whole or not at all (a temporary name beside it, then a rename)."""
+    path = vector_path(root, view, sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("wb") as file:
+            np.save(file, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def prune(cache: Path, setting: str, keep: set[Path]) -> tuple[int, int]:
+    """Remove every file under `cache` but `keep` (files of `setting`), and every other setting;
+    returns the files and bytes left."""
+    files = size = 0
+    for entry in cache.iterdir() if cache.is_dir() else []:
+        if entry.name != setting:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for path in sorted((cache / setting).rglob("*")) if (cache / setting).is_dir() else []:
+        if path.is_file():
+            if path in keep:
+                files, size = files + 1, size + path.stat().st_size
+            else:
+                path.unlink()
+    for folder in sorted((p for p in (cache / setting).rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return files, size
