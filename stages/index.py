@@ -68,11 +68,6 @@ def main() -> None:
     workers = params.workers or cpu_threads()
     known = read_validated(VALIDATED_JSON, params.max_pixels)
     valid, invalid, found = validate(candidates, RAW_DIR, params.max_pixels, workers, known)
-    # Only the files present now: the cache never outgrows the data.
-    write_validated(VALIDATED_JSON, params.max_pixels, found)
-    log.info("%d files validated: %d contents decoded, %d known from the last run (%s, %.1f MB)", len(candidates),
-             len(set(found) - set(known)), len(set(found) & set(known)), VALIDATED_JSON,
-             VALIDATED_JSON.stat().st_size / 1e6)
     images, duplicates = drop_duplicates(valid)
     skipped += invalid + duplicates
     empty = sorted(set(classes) - {im.class_name for im in images})
@@ -87,6 +82,11 @@ def main() -> None:
 
     write_csv_atomic(INDEX_CSV, index)
     write_json_atomic(CLASSES_JSON, classes)
+    # Only the files present now: the cache never outgrows the data.
+    write_validated(VALIDATED_JSON, params.max_pixels, found)
+    log.info("%d files validated: %d contents decoded, %d known from the last run (%s, %.1f MB)", len(candidates),
+             len(set(found) - set(known)), len(set(found) & set(known)), VALIDATED_JSON,
+             VALIDATED_JSON.stat().st_size / 1e6)
     summary = data_summary(index, classes, layout, skipped)
     if groups:
         summary["group_by"] = groups

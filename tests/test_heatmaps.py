@@ -18,11 +18,11 @@ from stages.lib.heatmaps import class_heatmaps, last_feature_map
 from stages.lib.inference import batch_probabilities
 from stages.lib.metrics import shown_predictions
 
-SIZE, PATCH = 128, 32  # the tiny EfficientNet's last map is 1/32 of the input: one cell per patch place
+SIZE, PATCH = 96, 32  # the tiny EfficientNet's last map is 1/32 of the input: one cell per patch place
 
 
 def patch_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Noise with two squares in distinct places of a 4x4 grid: a red (class 0) or green (class 1)
+    """Noise with two squares in distinct places of a 3x3 grid: a red (class 0) or green (class 1)
     one that decides the class, and a blue one in every image that does not. Normalised images,
     labels, and each class square's top-left corner."""
     generator = np.random.default_rng(seed)

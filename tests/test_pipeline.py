@@ -121,23 +121,6 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert stages_run(again) == ["check"] and "didn't change, skipping" in again
 
 
-def test_experiments_rerun_only_what_their_params_reach(project_copy):
-    work, env = project_copy
-    # A train param reruns train and what follows; a frozen model reuses the features and the
-    # backbone's export. (strategy=finetune trains the network: the train tests cover it.)
-    experiment = output(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "try-lr"], work, env)
-    assert stages_run(experiment) == ["check", "suspects", "train", "evaluate", "heatmaps", "export", "latency"]
-    assert "cached test features" in experiment and "joining its export" in experiment
-    # A speed setting of evaluate does not retrain.
-    experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
-    assert stages_run(experiment) == ["check", "evaluate"]
-    shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
-    header, *rows = shown.strip().splitlines()
-    assert "strategy" in header and "accuracy" in header
-    assert any("eval-batch" in row for row in rows)
-    assert any("try-lr" in row and "0.003" in row for row in rows)
-
-
 def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_compare(project_copy, reproduced):
     work, env = project_copy
     folder = work.parent / "my_photos"
@@ -253,16 +236,20 @@ def test_dvc_from_the_venv_without_activating_it(project_copy, tmp_path):
         "(source .venv/bin/activate, set up by make run) or run through make (make repro)"]
 
 
-def test_two_queued_experiments_run_side_by_side_each_on_its_share_of_the_cores(project_copy, reproduced):
+def test_experiments_rerun_only_what_their_params_reach_and_queued_ones_share_the_cores(project_copy, reproduced):
     work, env = project_copy
     # The baseline ran on every core; train.workers 0 there.
     baseline = json.loads((reproduced[0] / "metrics/train/time.json").read_text())
     assert baseline["threads"] == len(os.sched_getaffinity(0)) and baseline["loader_workers"] == 0
-    # Loader workers differ, the model does not (lib/data.EpochSampler), so only check, suspects and
-    # train rerun: the queue's mechanics and the threads are under test here, not training.
-    names = {"share-2": 2, "share-3": 3}
-    for name, workers in names.items():
-        run(["dvc", "exp", "run", "--queue", "-S", f"train.workers={workers}", "-n", name], work, env)
+    # Two experiments queued, run side by side by two workers on one core each. A train param
+    # reruns train and what follows, a frozen model reusing the features and the backbone's export
+    # (strategy=finetune trains the network: the train tests cover it). The checkpoint records
+    # every param, so train.workers too reruns what follows train.
+    after_train = ["check", "suspects", "train", "evaluate", "heatmaps", "export", "latency"]
+    queued = {"try-lr": (["train.lr=0.003", "train.workers=2"], after_train),
+              "more-workers": (["train.workers=3"], after_train)}
+    for name, (settings, _) in queued.items():
+        run(["dvc", "exp", "run", "--queue", *[a for s in settings for a in ("-S", s)], "-n", name], work, env)
     # The workers it starts inherit its stdout and stderr and live on for up to 10 s after the queue
     # empties: captured output would be waited for until they end.
     started = subprocess.run(["dvc", "queue", "start", "--jobs", "2"], cwd=work, env={**env, "OMP_NUM_THREADS": "1"},
@@ -271,25 +258,33 @@ def test_two_queued_experiments_run_side_by_side_each_on_its_share_of_the_cores(
 
     def finished() -> dict[str, str]:  # an experiment's git ref, refs/exps/<baseline>/NAME, appears when it succeeds
         refs = output(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], work, env).splitlines()
-        return {ref.rsplit("/", 1)[1]: ref for ref in refs if ref.rsplit("/", 1)[1] in names}
+        return {ref.rsplit("/", 1)[1]: ref for ref in refs if ref.rsplit("/", 1)[1] in queued}
 
     # Polling git costs nothing; each `dvc queue status` takes a second of CPU from the workers.
     deadline = time.monotonic() + 300
     last_status = time.monotonic()
-    while len(finished()) < len(names):
+    while len(finished()) < len(queued):
         if time.monotonic() - last_status > 5:
             status = output(["dvc", "queue", "status"], work, env)
             assert "Failed" not in status, status + "".join(
-                output(["dvc", "queue", "logs", name], work, env) for name in names)
+                output(["dvc", "queue", "logs", name], work, env) for name in queued)
             assert time.monotonic() < deadline, status
             last_status = time.monotonic()
         time.sleep(0.2)
     for name, ref in finished().items():
+        logged = output(["dvc", "queue", "logs", name], work, env)
+        assert stages_run(logged) == queued[name][1], logged
         spent = json.loads(output(["git", "show", f"{ref}:metrics/train/time.json"], work, env))
         assert (spent["threads"], spent["loader_workers"]) == (1, 1), name
-    shown = output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)
-    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown))}
-    assert {name: int(rows[name]["train.workers"]) for name in names} == names
+        assert "cached test features" in logged and "joining its export" in logged
+    # A speed setting of evaluate does not retrain.
+    experiment = output(["dvc", "exp", "run", "-S", "evaluate.batch_size=4", "-n", "eval-batch"], work, env)
+    assert stages_run(experiment) == ["check", "evaluate"]
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(
+        output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)))}
+    assert {"eval-batch", "try-lr", "more-workers"} <= set(rows)
+    assert rows["try-lr"]["train.lr"] == "0.003" and rows["more-workers"]["train.workers"] == "3"
+    assert "accuracy" in rows["try-lr"] and "strategy" in rows["try-lr"]
 
 
 def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
