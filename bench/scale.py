@@ -38,7 +38,8 @@ from bench.publish import machine, publish
 RESULTS = Path("bench/results/scale.md")
 PICTURE = Path("bench/results/scale.png")
 SHAPES = ("circle", "square", "triangle", "cross")
-SETTINGS = {"strategy": "frozen", "model": {"backbone": "efficientnet_lite0"}}
+# train.lr back to its default at each size: (c) sets another one
+SETTINGS = {"strategy": "frozen", "model": {"backbone": "efficientnet_lite0"}, "train": {"lr": 0.001}}
 
 
 def draw_image(path: Path, shape: str, generator: np.random.Generator) -> None:
@@ -132,6 +133,8 @@ def run_size(size: int, root: Path) -> dict:
     add_images(folder, size, added, seed=size + 1)
     more_seconds, more = stage_times(["dvc", "repro"])
     head_seconds, head = stage_times(["dvc", "exp", "run", "-S", "train.lr=0.0017"])
+    if "train" not in head:
+        raise SystemExit("the head-only experiment did not train; is train.lr already 0.0017?")
     return {"images": size, "added": added, "full": full, "full_seconds": full_seconds, "more": more,
             "more_seconds": more_seconds, "head": head, "head_seconds": head_seconds,
             "md5_seconds": md5_seconds(folder), "train_peak_rss_mb": rss}

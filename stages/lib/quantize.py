@@ -15,6 +15,7 @@ within export.int8_tolerance of fp32's.
 
 from __future__ import annotations
 
+import logging
 import platform
 import tempfile
 from pathlib import Path
@@ -71,9 +72,17 @@ def quantize_int8(model: Path, target: Path, input_name: str, images: np.ndarray
         prepared = Path(scratch) / "prepared.onnx"
         prepared_for_quantisation(model, prepared)
         head = [node.name for node in onnx.load(str(prepared)).graph.node if node.name.startswith(HEAD_PREFIX)]
-        quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=not has_vnni(), activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=head)
+        # The quantiser logs a line on the root logger for every bias whose scale it adjusts (dozens
+        # per model): routine, and not for the stage's log.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))
+        try:
+            quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=not has_vnni(), activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=head)
+        finally:
+            root.setLevel(level)
 
 
 def int8_verdict(fp32_accuracy: float, int8_accuracy: float, tolerance: float) -> tuple[bool, str]:
