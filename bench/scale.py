@@ -37,6 +37,7 @@ from bench.publish import machine, publish
 
 RESULTS = Path("bench/results/scale.md")
 PICTURE = Path("bench/results/scale.png")
+RAW = Path("bench/results/scale.json")  # every figure of the last run, for --plot-only
 SHAPES = ("circle", "square", "triangle", "cross")
 # train.lr back to its default at each size: (c) sets another one
 SETTINGS = {"strategy": "frozen", "model": {"backbone": "efficientnet_lite0"}, "train": {"lr": 0.001}}
@@ -191,19 +192,25 @@ def draw(results: list[dict], picture: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [r["images"] for r in results]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    stages = list(dict.fromkeys(s for r in results for s in r["full"]))
+    colors = {stage: plt.get_cmap("tab20")(i % 20) for i, stage in enumerate(stages)}
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5), sharey=True)
     for ax, case, title in zip(axes, ("full", "more", "head"),
                                ("(a) from an empty cache", "(b) 1% more images", "(c) a head-only experiment")):
-        stages = sorted({s for r in results for s in r[case]}, key=lambda s: -max(r[case].get(s, 0) for r in results))
         for stage in stages:
-            ax.plot(sizes, [max(r[case].get(stage, 0), 0.05) for r in results], marker="o", label=stage)
-        ax.plot(sizes, [r["md5_seconds"] for r in results], color="black", linestyle=":", label="md5 of every image")
+            # A stage that did not run at a size has no point there.
+            seconds = [r[case].get(stage, float("nan")) for r in results]
+            if any(v == v for v in seconds):
+                ax.plot(sizes, seconds, marker="o", color=colors[stage], label=stage)
+        ax.plot(sizes, [r["md5_seconds"] or float("nan") for r in results], color="black", linestyle=":",
+                label="md5 of every image")
         ax.set(xscale="log", yscale="log", xlabel="images", title=title)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("seconds per stage")
-    axes[0].legend(fontsize="small", loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize="small")
     figure.suptitle("stage time against dataset size (log-log; frozen, efficientnet_lite0, generated images)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.88, 1))
     picture.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(picture, dpi=100)
 
@@ -221,7 +228,7 @@ def table(results: list[dict], memory: list[tuple[int, float, float]]) -> str:
                             ("head", "(c) head-only exp")):
             cells = [f"{r[case][s]:.1f}" if s in r[case] else "" for s in stages]
             lines.append(f"| {r['images']} | {label} | **{r[case + '_seconds']:.1f}** | " + " | ".join(cells)
-                         + f" | {r['md5_seconds']:.1f} |")
+                         + f" | {r['md5_seconds']:.2f} |")
     last = results[-1]
     lines += ["", f"At {last['images']} images, (b) takes {last['more_seconds'] / last['full_seconds']:.1%} of (a).",
               "", "The train stage's peak RSS (a frozen run on cached features; random features written directly):",
@@ -237,13 +244,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--datasets", type=Path, default=Path("..") / "scale_data")
+    parser.add_argument("--plot-only", action="store_true", help=f"redraw {PICTURE} from {RAW}")
     args = parser.parse_args()
+    if args.plot_only:
+        draw(json.loads(RAW.read_text())["sizes"], PICTURE)
+        return
     if subprocess.run(["git", "status", "--porcelain", "--", "params.yaml", "dvc.lock"], capture_output=True,
                       text=True).stdout.strip():
         raise SystemExit("params.yaml or dvc.lock has uncommitted changes; run this in a throwaway clone")
     args.datasets.mkdir(parents=True, exist_ok=True)
     results = [run_size(size, args.datasets) for size in args.sizes]
     memory = memory_rows(args.memory_sizes)
+    RAW.write_text(json.dumps({"sizes": results, "memory": memory}, indent=1))
     draw(results, PICTURE)
     publish("scale", table(results, memory), RESULTS)
     print(f"wrote {PICTURE}")
