@@ -111,6 +111,7 @@ def covered(read: str, declared: list[str]) -> bool:
     return any(read == key or read.startswith(key + ".") for key in declared)
 
 
+@pytest.mark.slow  # runs every stage once
 def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypatch, tmp_path):
     from stages.lib import params as params_module
 

@@ -50,6 +50,7 @@ def test_features_hold_every_view_and_match_the_backbone(tiny_project, tta, held
     assert (root / "metrics/features/augmentations.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow  # the features stage twice, from an empty cache
 @pytest.mark.parametrize("workers", [0, 2])
 def test_features_are_reproducible(tiny_project, workers):
     root = tiny_project(features={"workers": workers})
