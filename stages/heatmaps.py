@@ -55,8 +55,8 @@ def model_inputs(rows: pd.DataFrame, prep: Preprocessing, classes: list[str]) ->
     targets = [classes.index(name) for name in rows["predicted"]]
     dataset = ImageDataset(rows.assign(label=targets), eval_transform(prep), decode_size(prep))
     images = [dataset[i][0] for i in range(len(dataset))]
-    return torch.stack(images) if images else torch.empty(0, 3, prep.input_size, prep.input_size), \
-        torch.tensor(targets, dtype=torch.long)
+    batch = torch.stack(images) if images else torch.empty(0, 3, prep.input_size, prep.input_size)
+    return batch, torch.tensor(targets, dtype=torch.long)
 
 
 def seen_pixels(images: torch.Tensor, prep: Preprocessing) -> np.ndarray:
