@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from stages.lib.backbones import load_pretrained_backbone, read_pretrained_and_sha256
+from stages.lib.backbones import pretrained_backbone, read_pretrained_and_sha256
 from stages.lib.cli import run_stage
 from stages.lib.extraction import augmentation_preview, extract_split, inference_graph
 from stages.lib.feature_cache import prune, setting_key
@@ -46,7 +46,7 @@ def main() -> None:
     @cache
     def backbone():
         # Built only when some image is not in the cache yet.
-        network, _ = load_pretrained_backbone(PRETRAINED, device)
+        network, _ = pretrained_backbone(pretrained, device)
         example = torch.zeros(params.features.batch_size, 3, prep.input_size, prep.input_size, device=device)
         return inference_graph(network, example.contiguous(memory_format=torch.channels_last))
 

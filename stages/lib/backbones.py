@@ -250,7 +250,11 @@ def read_pretrained_and_sha256(path: Path) -> tuple[dict, str]:
 
 def load_pretrained_backbone(path: Path, device: torch.device) -> tuple[nn.Module, Preprocessing]:
     """The headless backbone with the weights stage's weights, in eval mode and channels_last."""
-    pretrained = read_pretrained(path)
+    return pretrained_backbone(read_pretrained(path), device)
+
+
+def pretrained_backbone(pretrained: dict, device: torch.device) -> tuple[nn.Module, Preprocessing]:
+    """The same from the weights stage's output already read (read_pretrained)."""
     backbone, _ = create_backbone(resolve_backbone(pretrained["backbone"]))
     if pretrained["state_dict"] is not None:
         backbone.load_state_dict(pretrained["state_dict"])

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from stages.lib.files import atomic_path
 from stages.lib.params import AugmentParams
 from stages.lib.preprocessing import Preprocessing
 
@@ -68,17 +67,9 @@ def read_vector(root: Path, view: str, sha256: str) -> np.ndarray:
 
 
 def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None:
-    """One vector, written whole or not at all (a temporary name beside it, then a rename)."""
-    path = vector_path(root, view, sha256)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("wb") as file:
-            np.save(file, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    """One vector, written whole or not at all."""
+    with atomic_path(vector_path(root, view, sha256)) as temporary, temporary.open("wb") as file:
+        np.save(file, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
 
 
 def prune(cache: Path, setting: str, keep: set[Path]) -> tuple[int, int]:
