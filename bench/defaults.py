@@ -9,6 +9,8 @@ cache, less `make`'s install), then four experiments, each params.yaml as commit
 these overrides:
 - old default:  the frozen strategy, as params.yaml had it before;
 - new default:  params.yaml as committed;
+- 3 epochs of every weight: the default before the last one: the network phase trains every weight of
+                the backbone for 3 epochs (params.yaml's other settings);
 - old finetune: strategy finetune with the network settings from before (every weight trains,
                 at the backbone's input size (and scored there), 4 epochs, the backbone at 0.1 x train.lr, 30 head
                 epochs, bf16 autocast wherever the CPU has bf16 instructions): the issue's 969 s on
@@ -45,6 +47,7 @@ OLD_NETWORK = ["train.trainable_fraction=1.0", "train.image_size=null", "train.e
 SETTINGS = {
     "old default": ["strategy=frozen", "train.head_epochs=30"],
     "new default": [],
+    "3 epochs of every weight": ["train.trainable_fraction=1.0", "train.epochs=3"],
     "old finetune": ["strategy=finetune", *OLD_NETWORK],
     "new finetune": ["strategy=finetune", "train.epochs=10"],
 }
