@@ -20,8 +20,10 @@ these overrides:
 It reports test accuracy and macro-F1, the train stage's seconds (metrics/train/time.json), the
 whole `dvc exp run` (the stages that reran: train, evaluate, export), the network epochs run and
 the best one, and the network phase's images per second (train images x network epochs / the
-seconds of its steps and of waiting for data). Writes bench/results/defaults.md and README's
-`defaults` block.
+seconds of its steps and of waiting for data), and the val curves: the head's best val accuracy
+and the val accuracy after each network epoch. Writes bench/results/defaults.md and README's
+`defaults` block, and the val curves to bench/results/defaults_curves.md and docs/speed.md's
+`defaults-curves` block.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
 
 RESULTS = Path("bench/results/defaults.md")
+CURVES = Path("bench/results/defaults_curves.md")
 PARTIAL = RESULTS.with_suffix(".partial.json")
 SHARED = Path("../shared/datasets")
 OLD_NETWORK = ["train.trainable_fraction=1.0", "train.image_size=null", "train.epochs=4", "train.backbone_lr_mult=0.1",
@@ -57,14 +60,16 @@ def read_json(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def network_epochs() -> int:
-    """Epochs of the whole network the last run trained: DVCLive's steps from the first network
-    epoch on (step = epoch - 1; the network's first epoch is head_epochs + 1 after a head phase)."""
-    lines = Path("metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()[1:]
-    params = load_params()  # as the experiment ran it: dvc exp run applied its -S to params.yaml
-    strategy = params.strategy
-    first = 0 if strategy == "scratch" else params.train.head_epochs
-    return sum(int(line.split("\t")[0]) >= first for line in lines) if strategy != "frozen" else 0
+def val_curves(acc_tsv: str, params) -> tuple[float | None, list[float]]:
+    """The head phase's best val accuracy (None without one) and the val accuracy after each epoch
+    of the whole network, from a run's DVCLive val/acc.tsv and the params it ran with (step =
+    epoch - 1; the network's first epoch is head_epochs + 1 after a head phase)."""
+    steps = [(int(step), float(acc)) for step, acc in (line.split("\t") for line in acc_tsv.strip().splitlines()[1:])]
+    if params.strategy == "frozen":
+        return max(acc for _, acc in steps), []
+    first = 0 if params.strategy == "scratch" else params.train.head_epochs
+    head = [acc for step, acc in steps if step < first]
+    return (max(head) if head else None), [acc for step, acc in steps if step >= first]
 
 
 def committed_params() -> None:
@@ -77,10 +82,13 @@ def measure(archive: Path, name: str) -> dict:
     wall = run_on_archive(archive, SETTINGS[name])
     evaluation, timing = read_json("metrics/eval.json"), read_json("metrics/train/time.json")
     images = int((pd.read_csv("data/index.csv")["split"] == "train").sum())
-    epochs = network_epochs()
+    # load_params: as the experiment ran it (dvc exp run applied its -S to params.yaml)
+    head_val, curve = val_curves(Path("metrics/train/plots/metrics/val/acc.tsv").read_text(), load_params())
+    epochs = len(curve)
     network_seconds = timing.get("compute", 0) + timing.get("data", 0)
     row = {"archive": archive.stem, "setting": name, "accuracy": evaluation["accuracy"],
            "macro_f1": evaluation["macro_f1"], "train": timing["total"], "wall": wall, "network_epochs": epochs,
+           "head_val": head_val, "val_curve": curve,
            "images_per_s": images * epochs / network_seconds if epochs else None,
            "best_epoch": read_json("metrics/train/metrics.json")["best_epoch"]}
     print(json.dumps(row), flush=True)
@@ -105,6 +113,17 @@ def table(rows: list[dict], preludes: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def curves_table(rows: list[dict]) -> str:
+    lines = [f"From the `python -m bench.defaults` run of README.md's results table ({date.today().isoformat()}, "
+             f"{cpu_name()}, {os.cpu_count()} cores). Val accuracy of the head (its best epoch) and after each "
+             "network epoch (at the size the run scored it; auto stops at the first network epoch that is not its "
+             "phase's best so far, and a network epoch is the model only if it gets more val images right than the "
+             "head):", "", "| archive | setting | head | network epochs |", "|---|---|---|---|"]
+    lines += [f"| {r['archive']} | {r['setting']} | {r['head_val']:.3f} | "
+              f"{', '.join(f'{v:.3f}' for v in r['val_curve'])} |" for r in rows if r.get("val_curve")]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archives", default="hymenoptera_data,blood_cells,trashnet")
@@ -114,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table_only:
         measured = json.loads(PARTIAL.read_text())
-        publish("defaults", table(measured["rows"], measured["preludes"]), RESULTS)
+        publish_tables(measured["rows"], measured["preludes"])
         return
     rows, preludes = [], {}
     with restored_workspace():
@@ -125,7 +144,12 @@ def main() -> None:
             for name in args.settings.split(","):
                 rows.append(measure(archive, name))
                 PARTIAL.write_text(json.dumps({"preludes": preludes, "rows": rows}))
+    publish_tables(rows, preludes)
+
+
+def publish_tables(rows: list[dict], preludes: dict[str, float]) -> None:
     publish("defaults", table(rows, preludes), RESULTS)
+    publish("defaults-curves", curves_table(rows), CURVES)
 
 
 if __name__ == "__main__":

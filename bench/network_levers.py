@@ -8,7 +8,8 @@ For each archive the data stages and the features run first (`dvc exp run ... fe
 each setting trains in this process as the train stage would (`train_and_calibrate`) with
 strategy finetune, so that every network epoch is seen (auto would stop at the first that does
 not improve), and the setting's overrides of params.yaml:
-- default:         the committed network settings (train.backbone_lr_mult, one-cycle, 160 px crops);
+- default:         the committed network settings (train.backbone_lr_mult, one-cycle, 160 px crops,
+                   train.epochs, train.trainable_fraction);
 - lr x 1/3:        the backbone (and the head under it) at a third of the default's learning rate;
 - lr x 1/3, cosine: and no warm-up: the rate falls from its peak (one-cycle peaks inside epoch 1;
                    train.scheduler is the head phase's too, so the head changes a little);
@@ -20,7 +21,10 @@ not improve), and the setting's overrides of params.yaml:
                    (train.trainable_fraction; the early layers run forward only), which makes a
                    step about 1.5x cheaper (bench.network_speed), spent on larger crops and an
                    epoch more; scored at 224 px;
-- last 3/4 for 5 epochs: the same saving spent on two more epochs at the default's 160 px.
+- last 3/4 for 5 epochs: the same saving spent on two more epochs at the default's 160 px;
+- last 95% for 4 or 5 epochs: only the stem and the first three of Lite2's seven stages of blocks
+                   (4% of the weights, but the highest-resolution layers, a large share of a
+                   step's work) run forward only, the saving spent on one or two more epochs.
 `--settings` picks some of them (comma-separated names). It prints the head's best val accuracy,
 the val accuracy after each network epoch (scored as the train stage scores it: at
 train.eval_size), and the last network epoch's val
@@ -61,6 +65,8 @@ SETTINGS = {
     "layer decay 0.1": {"layer_decay": 0.1},
     "last 3/4 at 192 px for 4 epochs": {"trainable_fraction": 0.75, "image_size": 192, "eval_size": 224, "epochs": 4},
     "last 3/4 for 5 epochs": {"trainable_fraction": 0.75, "epochs": 5},
+    "last 95% for 4 epochs": {"trainable_fraction": 0.95, "epochs": 4},
+    "last 95% for 5 epochs": {"trainable_fraction": 0.95, "epochs": 5},
 }
 EVAL_SIZES = (160, 192, 224)  # beside the backbone's own
 
