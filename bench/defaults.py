@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 
-from bench.publish import cpu_name, publish
+from bench.publish import machine, publish
 from bench.workspace import restored_workspace, run_on_archive
 from stages.lib.params import load_params
 
@@ -95,9 +94,9 @@ def measure(archive: Path, name: str) -> dict:
     return row
 
 
-def table(rows: list[dict], preludes: dict[str, float]) -> str:
+def table(rows: list[dict], preludes: dict[str, float], day: str) -> str:
     baseline = {r["archive"]: r["train"] for r in rows if r["setting"] == "old finetune"}
-    lines = [f"Measured {date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores, by "
+    lines = [f"Measured {day} on {machine()}, by "
              "`python -m bench.defaults` "
              "in one run. Each archive's data stages and features ran first, from an empty cache ("
              + ", ".join(f"{stem} {seconds:.0f} s" for stem, seconds in preludes.items())
@@ -113,9 +112,9 @@ def table(rows: list[dict], preludes: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def curves_table(rows: list[dict]) -> str:
-    lines = [f"From the `python -m bench.defaults` run of README.md's results table ({date.today().isoformat()}, "
-             f"{cpu_name()}, {os.cpu_count()} cores). Val accuracy of the head (its best epoch) and after each "
+def curves_table(rows: list[dict], day: str) -> str:
+    lines = [f"From the `python -m bench.defaults` run of README.md's results table ({day}, "
+             f"{machine()}). Val accuracy of the head (its best epoch) and after each "
              "network epoch (at the size the run scored it; auto stops at the first network epoch that is not its "
              "phase's best so far, and a network epoch is the model only if it gets more val images right than the "
              "head):", "", "| archive | setting | head | network epochs |", "|---|---|---|---|"]
@@ -133,9 +132,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table_only:
         measured = json.loads(PARTIAL.read_text())
-        publish_tables(measured["rows"], measured["preludes"])
+        publish_tables(measured["rows"], measured["preludes"], measured["date"])
         return
-    rows, preludes = [], {}
+    rows, preludes, day = [], {}, date.today().isoformat()
     with restored_workspace():
         for stem in args.archives.split(","):
             archive = SHARED / f"{stem}.zip"
@@ -143,13 +142,14 @@ def main() -> None:
             preludes[stem] = run_on_archive(archive, [], ["features"])
             for name in args.settings.split(","):
                 rows.append(measure(archive, name))
-                PARTIAL.write_text(json.dumps({"preludes": preludes, "rows": rows}))
-    publish_tables(rows, preludes)
+                PARTIAL.write_text(json.dumps({"date": day, "preludes": preludes, "rows": rows}))
+    publish_tables(rows, preludes, day)
 
 
-def publish_tables(rows: list[dict], preludes: dict[str, float]) -> None:
-    publish("defaults", table(rows, preludes), RESULTS)
-    publish("defaults-curves", curves_table(rows), CURVES)
+def publish_tables(rows: list[dict], preludes: dict[str, float], day: str) -> None:
+    """The tables, dated by the run that measured them (--table-only republishes an earlier run)."""
+    publish("defaults", table(rows, preludes, day), RESULTS)
+    publish("defaults-curves", curves_table(rows, day), CURVES)
 
 
 if __name__ == "__main__":
