@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -671,15 +672,19 @@ def test_omp_num_threads_caps_the_stage_threads_and_its_loader_workers(monkeypat
 
 
 def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, monkeypatch):
+    from stages.lib import training
     from stages.lib.classifier import make_head
     from stages.lib.features import OnDisk, read_features
     from stages.lib.params import load_params
     from stages.lib.training import Run, fit_head
 
     params = load_params()
+    params = params.model_copy(update={"train": params.train.model_copy(update={"head_batch_size": 4})})
     read_rows = []
     real = OnDisk.__getitem__
-    monkeypatch.setattr(OnDisk, "__getitem__", lambda self, key: read_rows.append(len(r := real(self, key))) or r)
+    monkeypatch.setattr(OnDisk, "__getitem__",
+                        lambda self, key: read_rows.append((self.path.stem, len(r := real(self, key)))) or r)
+    monkeypatch.setattr(training, "READ_BATCHES", 2)  # the tiny split in several reads per epoch
 
     def trained(in_memory: bool) -> tuple[dict, list]:
         train, val = (read_features(split, in_memory=in_memory) for split in ("train", "val"))
@@ -690,8 +695,13 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
         return head.state_dict(), epochs
 
     on_disk, on_disk_losses = trained(False)
-    assert read_rows and max(read_rows) <= params.train.head_batch_size  # a batch at a time, never the split
-    assert len(read_rows) > params.train.head_epochs  # every epoch read its batches anew
+    items = len(read_features("train")["labels"]) * read_features("train")["features"].shape[1]
+    reads_per_epoch = math.ceil(items / (2 * params.train.head_batch_size))
+    assert reads_per_epoch > 1
+    train_reads = [rows for split, rows in read_rows if split == "train"]
+    # two batches a read, never the split, every epoch its batches anew
+    assert max(train_reads) <= 2 * params.train.head_batch_size
+    assert len(train_reads) == params.train.head_epochs * reads_per_epoch
     read_rows.clear()
     in_memory, in_memory_losses = trained(True)
     assert not read_rows

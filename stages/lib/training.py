@@ -190,21 +190,27 @@ def train_one_epoch(model: nn.Module, batches, opt: Optimization, run: Run, epoc
     return total_loss / seen, correct / seen
 
 
+READ_BATCHES = 64  # batches of cached features read from disk at once: a memory map opened per batch would
+#                   cost a third of the head's training, and 64 batches are still a few MB, whatever the split's size
+
+
 def shuffled_batches(features, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                      sample_weights: torch.Tensor | None = None):
     """One epoch of shuffled batches of cached features ([images, views, width], an array or
-    OnDisk; item i is image i // views in view i % views), each read when it is due: a DataLoader
-    would index and collate every sample one by one, which costs more than the head's training
-    itself. With `sample_weights`, as many items drawn with replacement by those weights
-    (class-balanced)."""
+    OnDisk; item i is image i // views in view i % views), read READ_BATCHES batches at a time as
+    they are due: a DataLoader would index and collate every sample one by one, which costs more
+    than the head's training itself. With `sample_weights`, as many items drawn with replacement
+    by those weights (class-balanced)."""
     if sample_weights is None:
         order = torch.randperm(len(labels), generator=generator)
     else:
         order = torch.multinomial(sample_weights, len(labels), replacement=True, generator=generator)
     views = features.shape[1]
-    for items in order.split(batch_size):
+    for items in order.split(batch_size * READ_BATCHES):
         chosen = items.numpy()
-        yield torch.from_numpy(features[chosen // views, chosen % views]), labels[items]
+        rows = torch.from_numpy(features[chosen // views, chosen % views])
+        for start in range(0, len(items), batch_size):
+            yield rows[start:start + batch_size], labels[items[start:start + batch_size]]
 
 
 def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
