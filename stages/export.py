@@ -9,11 +9,15 @@ Writes models/export/ with
 - predict.py, images.py, requirements.txt, README.md: a predictor that needs only onnxruntime,
                numpy and pillow (lib/serve.py and the pipeline's own decoding, lib/images.py),
                so the folder alone classifies images: `python predict.py PATH...`;
-- model.int8.onnx (export.int8): the model quantised to INT8 (lib/quantize.py), shipped only if
-               its test accuracy is within export.int8_tolerance of fp32's; model.json's `int8`
-               says what was measured and why it shipped or not.
-And metrics/export.json: fp32 and INT8 test accuracy (ONNX Runtime, through the folder's own
-predictor), macro-F1 and agreement. How fast each runs is the latency stage's.
+- model.int8.onnx (export.int8): the backbone quantised to INT8 (lib/quantize.py) joined with the
+               head in float, shipped only if its test accuracy is within export.int8_tolerance of
+               fp32's; model.json's `int8` says what was measured and why it shipped or not.
+And metrics/export.json: fp32 and INT8 test accuracy, macro-F1 and agreement: the head on each
+exported backbone's outputs (ONNX Runtime) for the test images. Those outputs are kept per image
+in data/cache/export/ (a `persist: true` output; lib/feature_cache.py): a new head on the same
+backbone, or a few new images, costs the backbones' passes over what is new only. INT8 is
+calibrated on the training images with the smallest content hashes, a sample that adding a few
+images seldom changes, and so seldom the INT8 backbone. How fast each runs is the latency stage's.
 No TorchScript: torch has deprecated it, ONNX runs in every serving runtime, and a PyTorch user
 has models/model.safetensors (docs/model.md).
 
@@ -34,53 +38,103 @@ import numpy as np
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
 from stages.lib.cores import cpu_threads
-from stages.lib.export import MODEL_JSON, export_backbone, join_with_head, reusable_backbone_export, sidecar
+from stages.lib.export import (
+    BACKBONE_ONNX,
+    MODEL_JSON,
+    MODEL_ONNX,
+    export_backbone,
+    join_with_head,
+    reusable_backbone_export,
+    sidecar,
+)
 from stages.lib.export_folder import write_predictor
+from stages.lib.feature_cache import has_vector, onnx_setting_key, prune, read_vector, vector_path, write_vector
 from stages.lib.files import atomic_dir, write_json_atomic
+from stages.lib.head import feature_probabilities
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.metrics import macro_f1
 from stages.lib.params import ExportParams, load_params
-from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_DIR, EXPORT_METRICS, MODEL, RAW_DIR
+from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_CACHE, EXPORT_DIR, EXPORT_METRICS, MODEL, RAW_DIR
 from stages.lib.quantize import int8_verdict, quantize_int8
-from stages.lib.serve import INT8_ONNX, MODEL_ONNX, Model, classify_with, prepare
+from stages.lib.serve import INT8_ONNX, cpu_session, prepare
 
 log = logging.getLogger("export")
+SCORING_BATCH = 16  # test images per ONNX Runtime call
 
 
-def test_scores(models: list[Model], test) -> list[tuple[np.ndarray, float, float]]:
-    """Each model's predicted classes on the test split, accuracy and macro-F1, as the folder's
-    predictor gives them (each image decoded once for all the models)."""
-    probs, errors = classify_with(models, [RAW_DIR / path for path in test["path"]])
-    failed = [path for path, error in zip(test["path"], errors) if error]
-    if failed:
-        raise UserError(f"{RAW_DIR / failed[0]}: cannot be read any more; run `dvc repro index` again")
-    labels = test["label"].to_numpy()
-    scores = []
-    for model, scored in zip(models, probs):
-        predicted = np.stack(scored).argmax(1)
-        scores.append((predicted, float((predicted == labels).mean()), macro_f1(labels, predicted, len(model.classes))))
-    return scores
+def backbone_features(onnx_file: Path, rows, side: dict, views: list[str]) -> tuple[np.ndarray, set[Path]]:
+    """The ONNX backbone's outputs on `rows`' images, [images, views, width]: from the per-image
+    cache (data/cache/export/, lib/feature_cache.py) where it has them, the others computed and
+    added to it. Also the cache files used."""
+    cache = EXPORT_CACHE / onnx_setting_key(onnx_file, side)
+    paths, sha256s = rows["path"].tolist(), rows["sha256"].tolist()
+    missing = [i for i, sha in enumerate(sha256s) if not all(has_vector(cache, view, sha) for view in views)]
+    if missing:
+        session = cpu_session(onnx_file, cpu_threads())
+        name = session.get_inputs()[0].name
+        for start in range(0, len(missing), SCORING_BATCH):
+            batch = missing[start:start + SCORING_BATCH]
+            images = np.stack([prepared(RAW_DIR / paths[i], side) for i in batch])
+            for view in views:
+                # ONNX Runtime's CPU kernels give an image the same bits in any batch, alone included
+                # (tests/test_export.py checks a run from the cache against one from an empty cache)
+                inputs = np.ascontiguousarray(images[..., ::-1] if view == "hflip" else images)
+                outputs = session.run(None, {name: inputs})[0]
+                for i, vector in zip(batch, outputs):
+                    write_vector(cache, view, sha256s[i], vector)
+    features = np.stack([np.stack([read_vector(cache, view, sha) for view in views]) for sha in sha256s])
+    log.info("%s: %d test images x %d views (%d through it, %d from %s)", onnx_file.name, len(rows), len(views),
+             len(missing), len(rows) - len(missing), EXPORT_CACHE)
+    return features, {vector_path(cache, view, sha) for view in views for sha in sha256s}
 
 
-def ship_int8_or_not(folder: Path, side: dict, settings: ExportParams) -> tuple[dict, dict]:
-    """model.int8.onnx in `folder` if it keeps fp32's test accuracy (else removed); the metrics,
-    and what the sidecar records."""
+def prepared(path: Path, side: dict) -> np.ndarray:
+    try:
+        return prepare(load_image(path, side["resize_size"]), side)
+    except Exception as error:  # noqa: BLE001 - any unreadable file means the same here
+        raise UserError(f"{path}: cannot be read any more ({type(error).__name__}); run `dvc repro index` again") \
+            from None
+
+
+def test_scores(features: np.ndarray, views: list[str], layers, tta: str, labels: np.ndarray,
+                classes: int) -> tuple[np.ndarray, float, float]:
+    """Predicted classes, accuracy and macro-F1 of the head on an exported backbone's test
+    features: what the exported model (that backbone joined with this head) answers."""
+    predicted = feature_probabilities(layers, {"features": features, "views": views}, tta).argmax(1)
+    return predicted, float((predicted == labels).mean()), macro_f1(labels, predicted, classes)
+
+
+def calibration_rows(train, count: int):
+    """The training images with the smallest content hashes: a sample that adding a few images
+    seldom changes (so neither does the INT8 model, nor its cached test features)."""
+    return train.sort_values("sha256", kind="stable").head(count)
+
+
+def ship_int8_or_not(folder: Path, backbone: Path, checkpoint, side: dict, settings: ExportParams,
+                     scratch: Path) -> tuple[dict, dict, set[Path]]:
+    """model.int8.onnx in `folder` (the backbone quantised, joined with the head in float) if it
+    keeps fp32's test accuracy; the metrics, what the sidecar records, and the cache files used."""
     train, test = read_split("train"), read_split("test")
-    chosen = train.sample(n=min(settings.calibration_images, len(train)), random_state=0)
-    calibration = np.stack([prepare(load_image(RAW_DIR / path, side["resize_size"]), side) for path in chosen["path"]])
-    quantize_int8(folder / MODEL_ONNX, folder / INT8_ONNX, side["input"]["name"], calibration)
-    (fp32, fp32_accuracy, fp32_f1), (int8, int8_accuracy, int8_f1) = test_scores(
-        [Model(folder, threads=cpu_threads()), Model(folder, int8=True, threads=cpu_threads())], test)
+    chosen = calibration_rows(train, settings.calibration_images)
+    calibration = np.stack([prepared(RAW_DIR / path, side) for path in chosen["path"]])
+    int8_backbone = scratch / "backbone.int8.onnx"
+    quantize_int8(backbone, int8_backbone, side["input"]["name"], calibration)
+    views = ["plain", "hflip"] if checkpoint.tta == "hflip" else ["plain"]
+    labels, classes, layers = test["label"].to_numpy(), len(side["classes"]), checkpoint.head_layers()
+    (fp32_features, fp32_files), (int8_features, int8_files) = (
+        backbone_features(onnx_file, test, side, views) for onnx_file in (backbone, int8_backbone))
+    fp32, fp32_accuracy, fp32_f1 = test_scores(fp32_features, views, layers, checkpoint.tta, labels, classes)
+    int8, int8_accuracy, int8_f1 = test_scores(int8_features, views, layers, checkpoint.tta, labels, classes)
     shipped, why = int8_verdict(fp32_accuracy, int8_accuracy, settings.int8_tolerance)
-    if not shipped:
-        (folder / INT8_ONNX).unlink()
+    if shipped:
+        join_with_head(int8_backbone, layers, checkpoint.temperature, folder / INT8_ONNX)
     log.info("%s; INT8 agrees with fp32 on %.4f of the test images", why, float((int8 == fp32).mean()))
     metrics = {"fp32_test_accuracy": fp32_accuracy, "fp32_test_macro_f1": fp32_f1,
                "int8_test_accuracy": int8_accuracy, "int8_test_macro_f1": int8_f1,
                "int8_agreement": float((int8 == fp32).mean()), "int8_shipped": int(shipped)}
     return metrics, {"shipped": shipped, "why": why, "calibration_images": len(chosen),
-                     **{key: value for key, value in metrics.items() if key != "int8_shipped"}}
+                     **{key: value for key, value in metrics.items() if key != "int8_shipped"}}, fp32_files | int8_files
 
 
 def main() -> None:
@@ -93,14 +147,17 @@ def main() -> None:
         else:
             backbone_folder = Path(scratch)
             export_backbone(checkpoint.classifier().backbone, checkpoint.preprocessing.input_size, backbone_folder)
-        join_with_head(backbone_folder, checkpoint.head_layers(), checkpoint.temperature, tmp)
+        backbone = backbone_folder / BACKBONE_ONNX
+        join_with_head(backbone, checkpoint.head_layers(), checkpoint.temperature, tmp / MODEL_ONNX)
         side = sidecar(checkpoint)
         write_json_atomic(tmp / MODEL_JSON, side)
-        metrics = {}
+        metrics, used = {}, set()
         if settings.int8:
-            metrics, side["int8"] = ship_int8_or_not(tmp, side, settings)
+            metrics, side["int8"], used = ship_int8_or_not(tmp, backbone, checkpoint, side, settings, Path(scratch))
             write_json_atomic(tmp / MODEL_JSON, side)
         write_predictor(tmp)
+    files, size = prune(EXPORT_CACHE, {path.relative_to(EXPORT_CACHE).parts[0] for path in used}, used)
+    log.info("%s: %d vectors, %.1f MB (only these backbones' and test images')", EXPORT_CACHE, files, size / 1e6)
     write_json_atomic(EXPORT_METRICS, metrics)
     log.info("%s (epoch %d) exported to %s: model.onnx%s, model.json, predict.py (python predict.py PATH...)",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR,

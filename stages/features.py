@@ -59,7 +59,7 @@ def main() -> None:
         features, files = extract_split(split, backbone, prep, params, device, FEATURE_CACHE / setting)
         save_features(split, {**source, **features})
         used |= files
-    files, size = prune(FEATURE_CACHE, setting, used)
+    files, size = prune(FEATURE_CACHE, {setting}, used)
     log.info("%s: %d vectors, %.1f MB (only this backbone's and these images')", FEATURE_CACHE, files, size / 1e6)
     save_view_grid(*augmentation_preview(read_split("train"), prep, params), AUGMENTATIONS_PNG,
                    "what the network sees in training: the plain view, then random augmentations (augment params)")

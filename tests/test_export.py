@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -128,6 +129,66 @@ def test_the_export_is_the_same_bytes_whatever_the_hash_seed(trained_copy):
         assert done.returncode == 0, done.stderr
     exported.append({p.name: p.read_bytes() for p in sorted((root / "models/export").iterdir())})
     assert exported[0] == exported[1] and set(FOLDER) <= set(exported[0])
+
+
+def through_backbones(caplog) -> dict[str, int]:
+    """Test images the last export run put through each backbone, from its log."""
+    found = [re.match(r"(backbone(?:\.int8)?\.onnx): \d+ test images x \d+ views \((\d+) through it",
+                      r.getMessage()) for r in caplog.records]
+    return {m.group(1): int(m.group(2)) for m in found if m}
+
+
+def test_a_new_head_or_new_images_rescore_the_test_split_from_the_export_cache(trained_copy, monkeypatch, caplog):
+    from stages import index
+    from tests.conftest import write_gradient_image
+
+    root = trained_copy
+    set_params(root, int8_tolerance=1.0)  # both models, whatever INT8 scores
+    caplog.set_level("INFO")
+    monkeypatch.setattr(export, "SCORING_BATCH", 3)  # batches of other images in each run, a lone one too
+    export_backbone.main()
+    export.main()
+    test_images = (pd.read_csv(root / "data/index.csv")["split"] == "test").sum()
+    assert through_backbones(caplog) == {"backbone.onnx": test_images, "backbone.int8.onnx": test_images}
+    cache = root / "data/cache/export"
+
+    def outputs() -> dict:
+        return {path: (root / path).read_bytes() for path in ("metrics/export.json", "models/export/model.onnx",
+                                                             "models/export/model.int8.onnx")}
+
+    def equals_a_run_from_an_empty_cache() -> None:
+        incremental, vectors = outputs(), sorted(p.relative_to(cache) for p in cache.rglob("*.npy"))
+        shutil.rmtree(cache)
+        caplog.clear()
+        export.main()
+        assert set(through_backbones(caplog).values()) == {test_images}
+        assert outputs() == incremental
+        assert sorted(p.relative_to(cache) for p in cache.rglob("*.npy")) == vectors
+
+    # Another head on the same backbone: neither backbone runs again
+    model = root / "models/model.safetensors"
+    checkpoint = read_checkpoint(model)
+    state = {k: (v * 1.5 if k.startswith("head.") else v) for k, v in checkpoint.state_dict.items()}
+    save_checkpoint(model, replace(checkpoint, state_dict=state, temperature=0.8))
+    caplog.clear()
+    export.main()
+    assert through_backbones(caplog) == {"backbone.onnx": 0, "backbone.int8.onnx": 0}
+    equals_a_run_from_an_empty_cache()
+
+    # New test images: only they go through the fp32 backbone (and the INT8 one, unless the
+    # calibration sample changed), and what is written is what a run from an empty cache writes
+    for i in range(6):
+        write_gradient_image(root / f"data/raw/{'red' if i % 2 else 'blue'}/new_{i}.png", (40 * i, 90, 200 - 30 * i))
+    index.main()
+    table = pd.read_csv(root / "data/index.csv")
+    added = table["path"].str.contains("new_") & (table["split"] == "test")
+    test_images = (table["split"] == "test").sum()
+    assert added.any()
+    caplog.clear()
+    export.main()
+    assert through_backbones(caplog)["backbone.onnx"] == added.sum()
+    assert through_backbones(caplog)["backbone.int8.onnx"] in (added.sum(), test_images)
+    equals_a_run_from_an_empty_cache()
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -280,19 +341,17 @@ def test_int8_ships_within_its_tolerance_only():
                                    "than export.int8_tolerance 0.005; fp32 only")
 
 
-def constant_model(classes: int, size: int) -> onnx.ModelProto:
-    """An "INT8 model" that always answers the first class: the worst a quantiser could do."""
+def constant_backbone(width: int, size: int) -> onnx.ModelProto:
+    """An "INT8 backbone" that gives every image the same features: the worst a quantiser could do."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight, bias = np.zeros((classes, 3), np.float32), np.zeros(classes, np.float32)
-    bias[0] = 10
+    weight, bias = np.zeros((width, 3), np.float32), np.linspace(-1, 1, width, dtype=np.float32)
     nodes = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
              helper.make_node("Flatten", ["pooled"], ["flat"]),
-             helper.make_node("Gemm", ["flat", "w", "b"], ["scores"], transB=1),
-             helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1)]
+             helper.make_node("Gemm", ["flat", "w", "b"], ["features"], transB=1)]
     graph = helper.make_graph(nodes, "constant",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -320,8 +379,9 @@ def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monk
     assert not any(errors) and np.allclose(np.stack(probs).sum(1), 1, atol=1e-5)
 
     # A quantiser that ruins the model (always the first class): not shipped, said in one line
+    width = read_checkpoint(root / "models/model.safetensors").head_layers()[0][0].shape[1]
     monkeypatch.setattr(export, "quantize_int8", lambda model, target, name, images: onnx.save(
-        constant_model(len(side["classes"]), side["input_size"]), str(target)))
+        constant_backbone(width, side["input_size"]), str(target)))
     set_params(root, int8_tolerance=0.005)
     with caplog.at_level("INFO"):
         export.main()

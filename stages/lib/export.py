@@ -68,10 +68,9 @@ def head_graph(layers: Layers, temperature: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
 
 
-def join_with_head(backbone_folder: Path, layers: Layers, temperature: float, folder: Path) -> None:
-    """model.onnx in `folder`: the backbone's export followed by the head, the temperature and a
-    softmax."""
-    backbone = onnx.load(str(backbone_folder / BACKBONE_ONNX))
+def join_with_head(backbone_onnx: Path, layers: Layers, temperature: float, target: Path) -> None:
+    """`target`: the backbone's export followed by the head, the temperature and a softmax."""
+    backbone = onnx.load(str(backbone_onnx))
     head = head_graph(layers, temperature)
     head.ir_version = backbone.ir_version  # merging asks for one IR version; the exporter's is the older
     joined = onnx.compose.merge_models(backbone, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])
@@ -82,7 +81,7 @@ def join_with_head(backbone_folder: Path, layers: Layers, temperature: float, fo
         opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
     del joined.opset_import[:]
     joined.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
-    onnx.save(joined, str(folder / MODEL_ONNX))
+    onnx.save(joined, str(target))
 
 
 def write_backbone_record(folder: Path, pretrained_sha256: str, input_size: int) -> None:

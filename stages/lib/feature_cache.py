@@ -17,6 +17,10 @@ is a file `<setting>/<view>/<sha256[:2]>/<sha256>.npy`:
 A change of backbone, weights, preprocessing or augmentation is a new setting or view: everything is
 computed, as without a cache. After each run only the current setting's files of images in the
 index remain, so the cache never outgrows one run's features.
+
+The export stage keeps data/cache/export/ the same way, for the exported ONNX backbones (fp32 and
+INT8) on the test images it scores to decide whether INT8 ships: there the setting is a hash of the
+ONNX file itself (`onnx_setting_key`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from stages.lib.files import atomic_path
+from stages.lib.files import atomic_path, file_sha256
 from stages.lib.params import AugmentParams
 from stages.lib.preprocessing import Preprocessing
 
@@ -38,14 +43,22 @@ def short_hash(data: dict) -> str:
 
 
 def setting_key(pretrained_sha256: str, prep: Preprocessing) -> str:
-    """The backbone's weights and input, and the versions of the code that computes and decodes."""
-    import PIL
-    import timm
-    import torch
-    import torchvision
-
+    """The backbone's weights and input, and the versions of the code that computes and decodes
+    (read from the installed packages' metadata: importing timm alone takes seconds, and a run that
+    finds every vector cached needs none of it)."""
     return short_hash({"pretrained_sha256": pretrained_sha256, "preprocessing": prep.to_dict(),
-                       "versions": [torch.__version__, torchvision.__version__, timm.__version__, PIL.__version__]})
+                       "versions": [version(name) for name in ("torch", "torchvision", "timm", "pillow")]})
+
+
+def onnx_setting_key(onnx_file: Path, side: dict) -> str:
+    """An ONNX backbone's file and input (an export sidecar's sizes, normalisation and
+    interpolation), and the versions of the runtime and the decoder."""
+    import onnxruntime  # its version from the module: onnxruntime-gpu and others install it under other names
+
+    return short_hash({"onnx_sha256": file_sha256(onnx_file),
+                       "preprocessing": {k: side[k] for k in ("input_size", "resize_size", "mean", "std",
+                                                              "interpolation")},
+                       "versions": [onnxruntime.__version__, version("pillow")]})
 
 
 def view_key(view: str, augment: AugmentParams, seed: int) -> str:
@@ -55,7 +68,7 @@ def view_key(view: str, augment: AugmentParams, seed: int) -> str:
 
 
 def vector_path(root: Path, view: str, sha256: str) -> Path:
-    return root / view / sha256[:2] / f"{sha256}.npy"
+    return root / f"{view}/{sha256[:2]}/{sha256}.npy"  # one join, not three: called for every vector
 
 
 def has_vector(root: Path, view: str, sha256: str) -> bool:
@@ -72,20 +85,21 @@ def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None
         np.save(file, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
 
 
-def prune(cache: Path, setting: str, keep: set[Path]) -> tuple[int, int]:
-    """Remove every file under `cache` but `keep` (files of `setting`), and every other setting;
+def prune(cache: Path, settings: set[str], keep: set[Path]) -> tuple[int, int]:
+    """Remove every file under `cache` but `keep` (files of `settings`), and every other setting;
     returns the files and bytes left."""
     files = size = 0
     for entry in cache.iterdir() if cache.is_dir() else []:
-        if entry.name != setting:
+        if entry.name not in settings:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    for path in sorted((cache / setting).rglob("*")) if (cache / setting).is_dir() else []:
-        if path.is_file():
-            if path in keep:
-                files, size = files + 1, size + path.stat().st_size
-            else:
-                path.unlink()
-    for folder in sorted((p for p in (cache / setting).rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    for setting in sorted(settings):
+        for path in sorted((cache / setting).rglob("*")) if (cache / setting).is_dir() else []:
+            if path.is_file():
+                if path in keep:
+                    files, size = files + 1, size + path.stat().st_size
+                else:
+                    path.unlink()
+        for folder in sorted((p for p in (cache / setting).rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
     return files, size

@@ -60,6 +60,8 @@ CLASS_CURVES_PNG = EVAL_DIR / "curves.png"  # one-vs-rest ROC and precision-reca
 EXPORT_DIR = Path("models/export")
 EXPORT_METRICS = Path("metrics/export.json")  # INT8 against fp32 on the test split
 LATENCY_METRICS = Path("metrics/latency.json")  # each engine's speed on the machine that ran the stage
+# The exported backbones' outputs on each test image, kept between runs (persist: true)
+EXPORT_CACHE = Path("data/cache/export")
 BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone alone, for export to reuse
 
 

@@ -4,9 +4,11 @@ training images, and the test that decides whether it ships.
 QDQ format, weights int8 per output channel: in EfficientNet-Lite2's export (BatchNorm folded
 in), a depthwise convolution's widest channel spans a median 6x (up to 25x) the range of its
 median channel, so one scale per tensor would leave most channels a few bits;
-activations uint8 from the calibration images' min-max ranges. The head (a few thousand
-multiply-adds, the temperature and the softmax) stays in float: quantised, the probabilities
-would come in steps of 1/255 and no longer sum to one. Where the CPU lacks VNNI, 8-bit
+activations uint8 from the calibration images' min-max ranges. Only the backbone is
+quantised: the export stage joins the INT8 backbone with the head in float (a few thousand
+multiply-adds, the temperature and the softmax; quantised, the probabilities would come in steps
+of 1/255 and no longer sum to one), and scores the test split on the INT8 backbone's cached
+outputs, which a new head leaves valid. Where the CPU lacks VNNI, 8-bit
 weights times 8-bit activations can overflow the 16-bit intermediate sums of the AVX2 kernels:
 ONNX Runtime's advice there is 7-bit weights (`reduce_range`), which this follows. The INT8
 model is then scored on the test split beside the fp32 one, and shipped only if its accuracy is
@@ -22,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
-from stages.lib.export import HEAD_PREFIX
 
 CALIBRATION_BATCH = 8
 
@@ -57,7 +57,8 @@ def prepared_for_quantisation(model: Path, target: Path) -> None:
 
 
 def quantize_int8(model: Path, target: Path, input_name: str, images: np.ndarray) -> None:
-    """model.onnx (fp32) -> `target` (INT8, QDQ), activation ranges from `images` (prepared, N x 3 x H x W)."""
+    """A backbone's ONNX file (fp32) -> `target` (INT8, QDQ), activation ranges from `images`
+    (prepared, N x 3 x H x W)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Batches(CalibrationDataReader):
@@ -71,7 +72,6 @@ def quantize_int8(model: Path, target: Path, input_name: str, images: np.ndarray
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         prepared_for_quantisation(model, prepared)
-        head = [node.name for node in onnx.load(str(prepared)).graph.node if node.name.startswith(HEAD_PREFIX)]
         # The quantiser logs a line on the root logger for every bias whose scale it adjusts (dozens
         # per model): routine, and not for the stage's log.
         root = logging.getLogger()
@@ -80,7 +80,7 @@ def quantize_int8(model: Path, target: Path, input_name: str, images: np.ndarray
         try:
             quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=not has_vnni(), activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=head)
+                            weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
 

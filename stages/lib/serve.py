@@ -58,6 +58,15 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(1, keepdims=True)
 
 
+def cpu_session(onnx_file: Path, threads: int = 0):
+    """An ONNX Runtime session on the CPU with `threads` threads (0: its choice)."""
+    import onnxruntime  # here: the project's predict command imports this module for its table alone
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+
 class Model:
     """An exported folder's model: images in, temperature-scaled class probabilities out."""
 
@@ -70,12 +79,7 @@ class Model:
                 " (INT8 ships only with export.int8 on, and only if it keeps the fp32 model's test accuracy: "
                 "model.json's int8 says what was measured)"
                 if int8 else ""))
-        import onnxruntime  # here: the project's predict command imports this module for its table alone
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(self.folder / name), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.folder / name, threads)
         self.classes = self.side["classes"]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
