@@ -191,6 +191,31 @@ def test_a_new_head_or_new_images_rescore_the_test_split_from_the_export_cache(t
     equals_a_run_from_an_empty_cache()
 
 
+@pytest.mark.parametrize("tta", ["none", "hflip"])
+def test_the_scores_that_decide_int8_are_the_shipped_folders_own_answers(trained_copy, tta):
+    # The export scores each backbone's cached outputs with the head in numpy: the folder's
+    # predictor, on the same test images, must give the same classes with both models.
+    from stages.lib import serve
+
+    root = trained_copy
+    set_params(root, int8_tolerance=1.0)
+    model = root / "models/model.safetensors"
+    save_checkpoint(model, replace(read_checkpoint(model), temperature=0.7, tta=tta))
+    export_backbone.main()
+    export.main()
+    metrics = json.loads((root / "metrics/export.json").read_text())
+    test = pd.read_csv(root / "data/index.csv").query("split == 'test'")
+    folder, paths = root / "models/export", [root / "data/raw" / p for p in test["path"]]
+    answers = {}
+    for int8 in (False, True):
+        probs, errors = serve.Model(folder, int8=int8).classify(paths)
+        assert not any(errors)
+        answers[int8] = np.stack(probs).argmax(1)
+    assert metrics["fp32_test_accuracy"] == float((answers[False] == test["label"].to_numpy()).mean())
+    assert metrics["int8_test_accuracy"] == float((answers[True] == test["label"].to_numpy()).mean())
+    assert metrics["int8_agreement"] == float((answers[True] == answers[False]).mean())
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_the_head_graph_computes_what_pytorch_does(kind):
     # The export's head part is written from the head's arrays, without torch.
