@@ -48,15 +48,23 @@ from stages.lib.export import (
     sidecar,
 )
 from stages.lib.export_folder import write_predictor
-from stages.lib.feature_cache import has_vector, onnx_setting_key, prune, read_vector, vector_path, write_vector
-from stages.lib.files import atomic_dir, write_json_atomic
+from stages.lib.feature_cache import (
+    has_vector,
+    onnx_setting_key,
+    prune,
+    read_vector,
+    short_hash,
+    vector_path,
+    write_vector,
+)
+from stages.lib.files import atomic_dir, atomic_path, write_json_atomic
 from stages.lib.head import feature_probabilities
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.metrics import macro_f1
 from stages.lib.params import ExportParams, load_params
 from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_CACHE, EXPORT_DIR, EXPORT_METRICS, MODEL, RAW_DIR
-from stages.lib.quantize import int8_verdict, quantize_int8
+from stages.lib.quantize import has_vnni, int8_verdict, quantize_int8
 from stages.lib.serve import INT8_ONNX, cpu_session, prepare
 
 log = logging.getLogger("export")
@@ -111,15 +119,29 @@ def calibration_rows(train, count: int):
     return train.sort_values("sha256", kind="stable").head(count)
 
 
-def ship_int8_or_not(folder: Path, backbone: Path, checkpoint, side: dict, settings: ExportParams,
-                     scratch: Path) -> tuple[dict, dict, set[Path]]:
+def quantised_backbone(backbone: Path, calibration_rows, side: dict) -> Path:
+    """The backbone quantised to INT8 on these calibration images, from data/cache/export/ when
+    this backbone was quantised on exactly these images before (the quantiser is deterministic:
+    a new head on the same backbone and data needs no calibration pass)."""
+    key = short_hash({"backbone": onnx_setting_key(backbone, side), "reduce_range": not has_vnni(),
+                      "calibration": calibration_rows["sha256"].tolist()})
+    target = EXPORT_CACHE / f"backbone.int8-{key}.onnx"
+    if target.is_file():
+        log.info("INT8 backbone: quantised on these %d calibration images before (%s)", len(calibration_rows), target)
+        return target
+    calibration = np.stack([prepared(RAW_DIR / path, side) for path in calibration_rows["path"]])
+    with atomic_path(target) as temporary:
+        quantize_int8(backbone, temporary, side["input"]["name"], calibration)
+    return target
+
+
+def ship_int8_or_not(folder: Path, backbone: Path, checkpoint, side: dict,
+                     settings: ExportParams) -> tuple[dict, dict, set[Path]]:
     """model.int8.onnx in `folder` (the backbone quantised, joined with the head in float) if it
     keeps fp32's test accuracy; the metrics, what the sidecar records, and the cache files used."""
     train, test = read_split("train"), read_split("test")
     chosen = calibration_rows(train, settings.calibration_images)
-    calibration = np.stack([prepared(RAW_DIR / path, side) for path in chosen["path"]])
-    int8_backbone = scratch / "backbone.int8.onnx"
-    quantize_int8(backbone, int8_backbone, side["input"]["name"], calibration)
+    int8_backbone = quantised_backbone(backbone, chosen, side)
     views = ["plain", "hflip"] if checkpoint.tta == "hflip" else ["plain"]
     labels, classes, layers = test["label"].to_numpy(), len(side["classes"]), checkpoint.head_layers()
     (fp32_features, fp32_files), (int8_features, int8_files) = (
@@ -134,7 +156,8 @@ def ship_int8_or_not(folder: Path, backbone: Path, checkpoint, side: dict, setti
                "int8_test_accuracy": int8_accuracy, "int8_test_macro_f1": int8_f1,
                "int8_agreement": float((int8 == fp32).mean()), "int8_shipped": int(shipped)}
     return metrics, {"shipped": shipped, "why": why, "calibration_images": len(chosen),
-                     **{key: value for key, value in metrics.items() if key != "int8_shipped"}}, fp32_files | int8_files
+                     **{key: value for key, value in metrics.items() if key != "int8_shipped"}}, \
+        fp32_files | int8_files | {int8_backbone}
 
 
 def main() -> None:
@@ -153,11 +176,11 @@ def main() -> None:
         write_json_atomic(tmp / MODEL_JSON, side)
         metrics, used = {}, set()
         if settings.int8:
-            metrics, side["int8"], used = ship_int8_or_not(tmp, backbone, checkpoint, side, settings, Path(scratch))
+            metrics, side["int8"], used = ship_int8_or_not(tmp, backbone, checkpoint, side, settings)
             write_json_atomic(tmp / MODEL_JSON, side)
         write_predictor(tmp)
     files, size = prune(EXPORT_CACHE, {path.relative_to(EXPORT_CACHE).parts[0] for path in used}, used)
-    log.info("%s: %d vectors, %.1f MB (only these backbones' and test images')", EXPORT_CACHE, files, size / 1e6)
+    log.info("%s: %d files, %.1f MB (only these backbones' and test images')", EXPORT_CACHE, files, size / 1e6)
     write_json_atomic(EXPORT_METRICS, metrics)
     log.info("%s (epoch %d) exported to %s: model.onnx%s, model.json, predict.py (python predict.py PATH...)",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR,

@@ -86,12 +86,14 @@ def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None
 
 
 def prune(cache: Path, settings: set[str], keep: set[Path]) -> tuple[int, int]:
-    """Remove every file under `cache` but `keep` (files of `settings`), and every other setting;
-    returns the files and bytes left."""
+    """Remove every file under `cache` but `keep` (files of `settings`), and every other setting
+    (a folder, or a file); returns the files and bytes left."""
     files = size = 0
     for entry in cache.iterdir() if cache.is_dir() else []:
         if entry.name not in settings:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        elif entry.is_file():  # a setting may be a file of its own (the export's INT8 backbone)
+            files, size = files + 1, size + entry.stat().st_size
     for setting in sorted(settings):
         for path in sorted((cache / setting).rglob("*")) if (cache / setting).is_dir() else []:
             if path.is_file():
