@@ -245,9 +245,17 @@ def main() -> None:
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--datasets", type=Path, default=Path("..") / "scale_data")
     parser.add_argument("--plot-only", action="store_true", help=f"redraw {PICTURE} from {RAW}")
+    parser.add_argument("--memory-only", action="store_true",
+                        help=f"measure the peak RSS rows again, keep the times of {RAW}, and republish")
     args = parser.parse_args()
     if args.plot_only:
         draw(json.loads(RAW.read_text())["sizes"], PICTURE)
+        return
+    if args.memory_only:
+        results = json.loads(RAW.read_text())["sizes"]
+        memory = memory_rows(args.memory_sizes)
+        RAW.write_text(json.dumps({"sizes": results, "memory": memory}, indent=1))
+        publish("scale", table(results, memory), RESULTS)
         return
     if subprocess.run(["git", "status", "--porcelain", "--", "params.yaml", "dvc.lock"], capture_output=True,
                       text=True).stdout.strip():
