@@ -48,15 +48,7 @@ from stages.lib.export import (
     sidecar,
 )
 from stages.lib.export_folder import write_predictor
-from stages.lib.feature_cache import (
-    has_vector,
-    onnx_setting_key,
-    prune,
-    read_vector,
-    short_hash,
-    vector_path,
-    write_vector,
-)
+from stages.lib.feature_cache import lacking, onnx_setting_key, prune, read_vectors, short_hash, write_vector
 from stages.lib.files import atomic_dir, atomic_path, write_json_atomic
 from stages.lib.head import feature_probabilities
 from stages.lib.images import load_image
@@ -71,13 +63,14 @@ log = logging.getLogger("export")
 SCORING_BATCH = 16  # test images per ONNX Runtime call
 
 
-def backbone_features(onnx_file: Path, rows, side: dict, views: list[str]) -> tuple[np.ndarray, set[Path]]:
+def backbone_features(onnx_file: Path, setting: str, rows, side: dict,
+                      views: list[str]) -> tuple[np.ndarray, set[Path]]:
     """The ONNX backbone's outputs on `rows`' images, [images, views, width]: from the per-image
-    cache (data/cache/export/, lib/feature_cache.py) where it has them, the others computed and
-    added to it. Also the cache files used."""
-    cache = EXPORT_CACHE / onnx_setting_key(onnx_file, side)
+    cache (data/cache/export/<setting>, lib/feature_cache.py) where it has them, the others
+    computed and added to it. Also the cache files used."""
+    cache = EXPORT_CACHE / setting
     paths, sha256s = rows["path"].tolist(), rows["sha256"].tolist()
-    missing = [i for i, sha in enumerate(sha256s) if not all(has_vector(cache, view, sha) for view in views)]
+    missing = lacking(cache, views, sha256s)
     if missing:
         session = cpu_session(onnx_file, cpu_threads())
         name = session.get_inputs()[0].name
@@ -91,10 +84,9 @@ def backbone_features(onnx_file: Path, rows, side: dict, views: list[str]) -> tu
                 outputs = session.run(None, {name: inputs})[0]
                 for i, vector in zip(batch, outputs):
                     write_vector(cache, view, sha256s[i], vector)
-    features = np.stack([np.stack([read_vector(cache, view, sha) for view in views]) for sha in sha256s])
     log.info("%s: %d test images x %d views (%d through it, %d from %s)", onnx_file.name, len(rows), len(views),
              len(missing), len(rows) - len(missing), EXPORT_CACHE)
-    return features, {vector_path(cache, view, sha) for view in views for sha in sha256s}
+    return read_vectors(cache, views, sha256s)
 
 
 def prepared(path: Path, side: dict) -> np.ndarray:
@@ -119,11 +111,12 @@ def calibration_rows(train, count: int):
     return train.sort_values("sha256", kind="stable").head(count)
 
 
-def quantised_backbone(backbone: Path, calibration_rows, side: dict) -> Path:
-    """The backbone quantised to INT8 on these calibration images, from data/cache/export/ when
-    this backbone was quantised on exactly these images before (the quantiser is deterministic:
-    a new head on the same backbone and data needs no calibration pass)."""
-    key = short_hash({"backbone": onnx_setting_key(backbone, side), "reduce_range": not has_vnni(),
+def quantised_backbone(backbone: Path, setting: str, calibration_rows, side: dict) -> Path:
+    """The backbone (its file, and its onnx_setting_key) quantised to INT8 on these calibration
+    images, from data/cache/export/ when this backbone was quantised on exactly these images before
+    (the quantiser is deterministic: a new head on the same backbone and data needs no calibration
+    pass)."""
+    key = short_hash({"backbone": setting, "reduce_range": not has_vnni(),
                       "calibration": calibration_rows["sha256"].tolist()})
     target = EXPORT_CACHE / f"backbone.int8-{key}.onnx"
     if target.is_file():
@@ -141,11 +134,13 @@ def ship_int8_or_not(folder: Path, backbone: Path, checkpoint, side: dict,
     keeps fp32's test accuracy; the metrics, what the sidecar records, and the cache files used."""
     train, test = read_split("train"), read_split("test")
     chosen = calibration_rows(train, settings.calibration_images)
-    int8_backbone = quantised_backbone(backbone, chosen, side)
+    fp32_setting = onnx_setting_key(backbone, side)
+    int8_backbone = quantised_backbone(backbone, fp32_setting, chosen, side)
     views = ["plain", "hflip"] if checkpoint.tta == "hflip" else ["plain"]
     labels, classes, layers = test["label"].to_numpy(), len(side["classes"]), checkpoint.head_layers()
-    (fp32_features, fp32_files), (int8_features, int8_files) = (
-        backbone_features(onnx_file, test, side, views) for onnx_file in (backbone, int8_backbone))
+    fp32_features, fp32_files = backbone_features(backbone, fp32_setting, test, side, views)
+    int8_features, int8_files = backbone_features(int8_backbone, onnx_setting_key(int8_backbone, side), test, side,
+                                                  views)
     fp32, fp32_accuracy, fp32_f1 = test_scores(fp32_features, views, layers, checkpoint.tta, labels, classes)
     int8, int8_accuracy, int8_f1 = test_scores(int8_features, views, layers, checkpoint.tta, labels, classes)
     shipped, why = int8_verdict(fp32_accuracy, int8_accuracy, settings.int8_tolerance)

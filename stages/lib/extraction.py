@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stages.lib.data import decode_size, eval_transform, make_loader, train_transform
-from stages.lib.feature_cache import has_vector, read_vector, vector_path, view_key, write_vector
+from stages.lib.feature_cache import has_vector, lacking, read_vectors, view_key, write_vector
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.params import Params
@@ -105,7 +105,7 @@ def extract_split(split: str, backbone: Callable[[], torch.nn.Module], prep: Pre
     mirrored, augmented = split_views(split, params)
     views = view_names(mirrored, augmented)
     keys = [view_key(view, params.augment, params.features.seed) for view in views]
-    missing = [i for i, sha in enumerate(sha256s) if not all(has_vector(cache, key, sha) for key in keys)]
+    missing = lacking(cache, keys, sha256s)
     if missing:
         dataset = MultiViewDataset([paths[i] for i in missing], [sha256s[i] for i in missing], eval_transform(prep),
                                    train_transform(prep, params.augment), mirrored, augmented,
@@ -119,10 +119,9 @@ def extract_split(split: str, backbone: Callable[[], torch.nn.Module], prep: Pre
             for key, vector in zip(keys, vectors):
                 if not has_vector(cache, key, sha256s[i]):
                     write_vector(cache, key, sha256s[i], vector)
-    features = np.stack([np.stack([read_vector(cache, key, sha) for key in keys]) for sha in sha256s])
+    features, used = read_vectors(cache, keys, sha256s)
     log.info("%s: %d images x %d views -> %s (%d images through the backbone, %d from %s)", split, len(rows),
              len(views), tuple(features.shape), len(missing), len(rows) - len(missing), cache.parent)
-    used = {vector_path(cache, key, sha) for key in keys for sha in sha256s}
     return {"views": views, "features": features, "labels": np.asarray(rows["label"].tolist(), dtype=np.int64),
             "paths": paths}, used
 

@@ -79,6 +79,17 @@ def read_vector(root: Path, view: str, sha256: str) -> np.ndarray:
     return np.load(vector_path(root, view, sha256), allow_pickle=False)
 
 
+def lacking(root: Path, views: list[str], sha256s: list[str]) -> list[int]:
+    """The indices of the images that lack a vector of some view."""
+    return [i for i, sha in enumerate(sha256s) if not all(has_vector(root, view, sha) for view in views)]
+
+
+def read_vectors(root: Path, views: list[str], sha256s: list[str]) -> tuple[np.ndarray, set[Path]]:
+    """The images' vectors [images, views, width], and the files they came from (what prune keeps)."""
+    vectors = np.stack([np.stack([read_vector(root, view, sha) for view in views]) for sha in sha256s])
+    return vectors, {vector_path(root, view, sha) for view in views for sha in sha256s}
+
+
 def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None:
     """One vector, written whole or not at all."""
     with atomic_path(vector_path(root, view, sha256)) as temporary, temporary.open("wb") as file:

@@ -54,15 +54,15 @@ class OnDisk:
         rows = (images * per_image + views).ravel()
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]
-        out = np.empty((len(rows), width), np.float32)
         starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # runs of consecutive vectors
         ends = np.append(starts[1:], len(ordered))
-        read = np.empty_like(out)
+        read = np.empty((len(rows), width), np.float32)
         row_bytes = width * 4
         with self.path.open("rb", buffering=0) as file:
             for start, end in zip(starts.tolist(), ends.tolist()):
                 data = os.pread(file.fileno(), (end - start) * row_bytes, self.offset + int(ordered[start]) * row_bytes)
                 read[start:end] = np.frombuffer(data, np.float32).reshape(end - start, width)
+        out = np.empty_like(read)
         out[order] = read
         return out.reshape(*images.shape, width)
 
