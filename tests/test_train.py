@@ -56,13 +56,15 @@ def test_frozen_trains_only_the_head(tiny_project):
     assert (root / "metrics/train/learning_curves.png").stat().st_size > 1000
 
 
+# finetune, 3 head epochs: train.head_max_steps lets one of them fit, and the network's epochs follow it
 @pytest.mark.parametrize("strategy, head_epochs, epochs", [("finetune", 3, 2), ("finetune", 0, 2), ("scratch", 3, 2)])
 def test_strategies_that_train_the_backbone(tiny_project, strategy, head_epochs, epochs):
-    root = tiny_project(strategy=strategy, train={"head_epochs": head_epochs, "epochs": epochs})
+    root = tiny_project(strategy=strategy, train={"head_epochs": head_epochs, "epochs": epochs, "head_max_steps": 1})
     train.main()
     steps = (root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()
     warm_head = strategy == "finetune" and head_epochs > 0
-    assert len(steps) == 1 + epochs + (head_epochs if warm_head else 0)
+    assert len(steps) == 1 + epochs + (1 if warm_head else 0)
+    assert [int(line.split("\t")[0]) for line in steps[1:]] == list(range(len(steps) - 1))
     checkpoint = load_model_checkpoint(root)
     model = read_checkpoint(root / "models/model.safetensors").classifier()
     assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 2)
@@ -707,3 +709,30 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
     assert not read_rows
     assert on_disk_losses == in_memory_losses
     assert all(torch.equal(on_disk[name], in_memory[name]) for name in on_disk)
+
+
+def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_them():
+    from stages.lib.classifier import make_head
+    from stages.lib.params import load_params
+    from stages.lib.training import Run, fit_head, head_epochs_for
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    settings = params.train.model_copy(update={"head_epochs": 30, "head_batch_size": 32, "head_max_steps": 5000})
+    # hymenoptera, TrashNet and blood cells (plain and mirrored views) keep their 30 epochs
+    assert [head_epochs_for(settings, 2 * images) for images in (245, 1516, 1200)] == [30, 30, 30]
+    assert head_epochs_for(settings, 24_000) == 6  # 750 steps an epoch: 4,500 of the 5,000
+    assert head_epochs_for(settings, 400_000) == 1  # never none
+    assert head_epochs_for(settings.model_copy(update={"head_epochs": 4}), 24_000) == 4
+
+    generator = np.random.default_rng(0)
+    labels = generator.integers(0, 2, 100)
+    split = {"features": (generator.normal(size=(100, 2, 8)) + labels[:, None, None]).astype(np.float32),
+             "labels": labels, "views": ["plain", "hflip"]}
+    capped = params.model_copy(update={"train": params.train.model_copy(
+        update={"head_epochs": 30, "head_batch_size": 10, "head_max_steps": 45, "scheduler": "cosine"})})
+    torch.manual_seed(0)
+    epochs = [epoch.result for epoch in fit_head(make_head(8, 2, "linear", 0, 0.2), split, split,
+                                                  Run(capped, torch.device("cpu"), 2), 1)]
+    assert [e.epoch for e in epochs] == [1, 2]  # 20 steps an epoch: two fit in 45
+    # the cosine spans the two epochs, not thirty: halfway down at the second
+    assert epochs[1].lr == pytest.approx(capped.train.lr / 2)

@@ -30,7 +30,7 @@ def subset(split: dict, keep: np.ndarray) -> dict:
 def out_of_fold_probabilities(split: dict, params: Params, folds: int, classes: int) -> np.ndarray:
     """Class probabilities of every image in `split` (cached features: features [images, views,
     width], labels, views) from a head trained with the run's head settings on the other folds,
-    for all train.head_epochs (no epoch is picked on the held-out fold: that would fit it)."""
+    for all the head phase's epochs (no epoch is picked on the held-out fold: that would fit it)."""
     fold = stratified_folds(split["labels"], folds, params.train.seed)
     probs = np.zeros((len(split["labels"]), classes), dtype=np.float64)
     width = split["features"].shape[-1]

@@ -1,11 +1,12 @@
 """The head's learning rate and weight decay, searched on the cached features (train.head_search).
 
-Each setting of a small grid around train.lr and train.weight_decay trains a fresh head for
-train.head_epochs, exactly as the head phase would (the same initial weights, dropout and batch
-order), and is scored by its best epoch on the val split: train.select_on, ties broken by lower
-val loss, then by the grid's order. The head phase then trains with the winner, so its result is
-the winning trial's. A trial takes a fraction of a second on cached features; the test split is
-never read. The network phase of finetune keeps train.lr and train.weight_decay.
+Each setting of a small grid around train.lr and train.weight_decay trains a fresh head for the
+head phase's epochs (train.head_epochs; fewer on a large dataset, train.head_max_steps), exactly
+as the head phase would (the same initial weights, dropout and batch order), and is scored by its
+best epoch on the val split: train.select_on, ties broken by lower val loss, then by the grid's
+order. The head phase then trains with the winner, so its result is the winning trial's. A trial
+takes a fraction of a second on cached features; the test split is never read. The network phase
+of finetune keeps train.lr and train.weight_decay.
 """
 
 from __future__ import annotations

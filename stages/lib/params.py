@@ -138,6 +138,7 @@ class TrainParams(Strict):
     head_epochs: Annotated[StrictInt, Field(ge=0)]
     batch_size: Annotated[StrictInt, Field(ge=1)]
     head_batch_size: Annotated[StrictInt, Field(ge=1)]
+    head_max_steps: Annotated[StrictInt, Field(ge=1)]
     optimizer: Literal["sgd", "adam", "adamw"]
     lr: PositiveFloat
     backbone_lr_mult: Annotated[Number, Field(gt=0, le=1)]

@@ -31,7 +31,7 @@ from stages.lib.index_table import read_classes, read_split
 from stages.lib.inference import batch_probabilities, loader_probabilities
 from stages.lib.metrics import val_scores
 from stages.lib.optim import LinearToZero, build_optimizer, build_scheduler
-from stages.lib.params import Params
+from stages.lib.params import Params, TrainParams
 from stages.lib.paths import INDEX_CSV, MODEL, PRETRAINED, features_file
 from stages.lib.preprocessing import Preprocessing
 from stages.lib.records import Epoch, EpochResult, Records, read_resume_state, run_fingerprint
@@ -214,6 +214,15 @@ def shuffled_batches(features, labels: torch.Tensor, batch_size: int, generator:
             yield rows[start:start + batch_size], labels[items[start:start + batch_size]]
 
 
+def head_epochs_for(settings: TrainParams, vectors: int) -> int:
+    """train.head_epochs, or as many whole epochs of `vectors` as fit in train.head_max_steps when
+    that is fewer (at least one). A head's epoch costs its steps, so with epochs alone every new
+    image would lengthen each head the pipeline trains (train, the suspects' folds, the head search);
+    on a large dataset a few epochs are as many samples as many epochs of a small one."""
+    steps_per_epoch = math.ceil(vectors / settings.head_batch_size)
+    return min(settings.head_epochs, max(1, settings.head_max_steps // steps_per_epoch))
+
+
 def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
     """Train the head on cached features; yields an Epoch per epoch: head epochs take
     milliseconds, so an interrupted head phase starts over rather than resuming."""
@@ -224,8 +233,9 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
     sample_weights = balanced_sample_weights(labels, run.classes) if settings.class_weighting == "sampler" else None
     optimizer = build_optimizer([{"params": head.parameters(), "lr": settings.lr}], settings)
     steps = math.ceil(len(labels) / settings.head_batch_size)
-    opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps, settings.head_epochs))
-    for i in range(settings.head_epochs):
+    epochs = head_epochs_for(settings, len(labels))
+    opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps, epochs))
+    for i in range(epochs):
         epoch = first_epoch + i
         started = time.perf_counter()
         head.train()
@@ -509,7 +519,11 @@ def head_phase(model: ModelParts, records: Records, run: Run, pretrained_sha256:
     the one setting of params.yaml."""
     params = run.params
     train_features, val_features = read_head_features(pretrained_sha256)
-    width = train_features["features"].shape[-1]
+    images, views, width = train_features["features"].shape
+    epochs = head_epochs_for(params.train, images * views)
+    if epochs < params.train.head_epochs:
+        log.info("the head trains %d epochs, not train.head_epochs %d: %d feature vectors, train.head_max_steps %d",
+                 epochs, params.train.head_epochs, images * views, params.train.head_max_steps)
 
     def new_head() -> nn.Module:
         return make_head(width, len(records.classes), **head_config(params.model))
@@ -566,7 +580,7 @@ def network_phase(model: ModelParts, records: Records, run: Run, prep: Preproces
     network.to(run.device)
     if params.train.channels_last:
         network.to(memory_format=torch.channels_last)
-    first_epoch = (params.train.head_epochs if plan.head_first else 0) + 1
+    first_epoch = sum(record.phase == "head" for record in records.history) + 1
     if resumed is not None and resumed["network"] is not None:
         torch.set_rng_state(resumed["rng"])  # as it was after the last completed epoch
     epochs = fit_network(network, run, prep, plan, first_epoch, resumed["network"] if resumed is not None else None)
