@@ -1,7 +1,7 @@
 """Stage `download`: bring what `data.url` names into data/raw/: a folder of images, or an archive.
 
-A local folder is brought in file by file, as hard links where the filesystem allows (no bytes
-copied) and as copies elsewhere (lib/sources.py). An archive is looked for by its file name on
+A local folder is copied in file by file, except the files the last run's data/raw/ (a persistent
+output) holds unchanged, which are kept (lib/sources.py). An archive is looked for by its file name on
 the project's shelf (data/archives/) and then in $DATA_MIRROR before the network, so the default
 pipeline runs offline (lib/fetch.py); it is verified against `data.sha256` when pinned, and
 unpacked member by member with guards against path traversal, escaping links and archive bombs
@@ -34,10 +34,10 @@ def main() -> None:
     if source is not None and source.is_dir():
         check_pin_applies(source, params.url, params.sha256)
         with atomic_dir(RAW_DIR) as tmp:
-            linked, copied = bring_folder(source, tmp, *caps)
+            kept, copied = bring_folder(source, tmp, RAW_DIR, *caps)
             inner = unpack_inner_archives(tmp, *caps)
-        log.info("brought %d files from %s into %s: %d as hard links (no bytes copied), %d copied%s",
-                 linked + copied, source, RAW_DIR, linked, copied,
+        log.info("brought %d files from %s into %s: %d unchanged since the last run (kept, not copied), %d "
+                 "copied%s", kept + copied, source, RAW_DIR, kept, copied,
                  f"; {inner} files unpacked from archives inside it" if inner else "")
         return
     with tempfile.TemporaryDirectory(prefix=".download.", dir=RAW_DIR.parent) as workdir:

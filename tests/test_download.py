@@ -333,7 +333,10 @@ def test_an_inner_archive_escaping_the_folder_is_refused(project, tmp_path):
 # --- a local folder as the source ------------------------------------------------------------
 
 
-def test_a_folder_is_brought_in_as_hard_links_with_its_inner_archives(project, tmp_path, caplog):
+def test_a_folder_is_copied_in_with_its_inner_archives_and_the_next_run_keeps_what_did_not_change(
+        project, tmp_path, caplog):
+    import os
+
     photos = tmp_path / "my_photos"
     make_image_tree(photos, {"cat": 2, "dog": 2})
     make_image_tree(tmp_path / "more", {"bird": 2}, start=10)
@@ -343,27 +346,47 @@ def test_a_folder_is_brought_in_as_hard_links_with_its_inner_archives(project, t
     assert unpacked(root) == ["birds/bird/img_0010.png", "birds/bird/img_0011.png", "cat/img_0000.png",
                               "cat/img_0001.png", "dog/img_0002.png", "dog/img_0003.png"]
     original, brought = photos / "cat/img_0000.png", root / "data/raw/cat/img_0000.png"
-    assert brought.stat().st_ino == original.stat().st_ino  # a hard link: no bytes copied
+    # a copy, never a link to the user's photo: DVC's cache would adopt it (and make it read-only)
+    assert brought.read_bytes() == original.read_bytes() and brought.stat().st_ino != original.stat().st_ino
+    assert original.stat().st_nlink == 1
     assert (photos / "birds.zip").is_file()  # the user's inner archive stays where it was
-    assert "5 as hard links (no bytes copied), 0 copied; 2 files unpacked from archives inside it" in caplog.text
+    assert "0 unchanged since the last run (kept, not copied), 5 copied; 2 files unpacked" in caplog.text
+    inodes = {path.name: path.stat().st_ino for path in (root / "data/raw").rglob("*.png")}
+
+    # One photo added, one edited (new size and time), one removed: the rest are the same files.
+    make_image_tree(photos, {"cat": 1}, start=20)
+    edited = photos / "dog/img_0002.png"
+    edited.write_bytes(edited.read_bytes() + b"\0")
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    (photos / "dog/img_0003.png").unlink()
+    caplog.clear()
+    download.main()
+    after = {path.name: path.stat().st_ino for path in (root / "data/raw").rglob("*.png")}
+    assert sorted(after) == ["img_0000.png", "img_0001.png", "img_0002.png", "img_0010.png", "img_0011.png",
+                             "img_0020.png"]
+    assert all(after[name] == inodes[name] for name in ("img_0000.png", "img_0001.png"))  # kept
+    assert after["img_0002.png"] != inodes["img_0002.png"]
+    assert (root / "data/raw/dog/img_0002.png").read_bytes() == edited.read_bytes()
+    # the inner archive's files are unpacked anew (birds.zip is copied, not kept: unpacking removed it)
+    assert "2 unchanged since the last run (kept, not copied), 3 copied" in caplog.text
     assert leftovers(root) == []
 
 
-def test_a_folder_on_another_filesystem_is_copied(project, tmp_path, monkeypatch, caplog):
+def test_a_folder_where_links_fail_is_copied_whole(project, tmp_path, monkeypatch, caplog):
     import errno
     import os
 
     make_image_tree(tmp_path / "photos", {"cat": 1, "dog": 1})
+    root = run_download(project, url=str(tmp_path / "photos"))
 
     def cross_device(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
     caplog.set_level("INFO")
-    root = run_download(project, url=str(tmp_path / "photos"))
+    download.main()
     assert (root / "data/raw/cat/img_0000.png").read_bytes() == (tmp_path / "photos/cat/img_0000.png").read_bytes()
-    assert (root / "data/raw/cat/img_0000.png").stat().st_ino != (tmp_path / "photos/cat/img_0000.png").stat().st_ino
-    assert "0 as hard links (no bytes copied), 2 copied" in caplog.text
+    assert "0 unchanged since the last run (kept, not copied), 2 copied" in caplog.text
 
 
 def test_a_folder_follows_the_archive_rules(project, tmp_path):

@@ -58,6 +58,23 @@ def project_env(mirror: Path) -> dict:
     return env
 
 
+def project_cache_type() -> str:
+    """The link types this project's .dvc/config gives DVC's cache, for the test projects too."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PROJECT_ROOT / ".dvc/config")
+    return config["cache"]["type"].strip('"')
+
+
+def cache_objects_hold_their_hashes(work: Path) -> bool:
+    """Every file in the DVC cache has the md5 its name says: nothing wrote into a linked output."""
+    objects = [path for path in (work / ".dvc/cache/files/md5").rglob("*") if path.is_file()]
+    assert objects
+    return all(hashlib.md5(path.read_bytes()).hexdigest() == path.parent.name + path.name.removesuffix(".dir")
+               for path in objects)
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
     """A git+DVC project holding this project's stages, whose data.url names a tiny archive that
@@ -84,7 +101,8 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
     env = project_env(mirror)
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.invalid"],
                  ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
-                 ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["dvc", "config", "core.analytics", "false"],
+                 ["dvc", "config", "cache.type", project_cache_type()], ["git", "add", "-A"],
                  ["git", "commit", "-qm", "project"]):
         run(args, work, env)
     first = output(["dvc", "repro"], work, env)
@@ -130,7 +148,10 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # The same files as the archive held: download reruns, and DVC sees data/raw unchanged.
     repro = output(["dvc", "repro"], work, env)
-    assert stages_run(repro) == ["check", "download"] and "as hard links" in repro
+    assert stages_run(repro) == ["check", "download"] and "0 unchanged since the last run" in repro
+    photos = sorted(path for path in folder.rglob("*") if path.is_file())
+    assert all(path.stat().st_nlink == 1 and path.stat().st_mode & 0o200 for path in photos)  # the user's own
+    inodes = {path: path.stat().st_ino for path in (work / "data/raw").rglob("*") if path.is_file()}
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "a folder source"], work, env)
     assert stages_run(output(["dvc", "repro"], work, env)) == ["check"]
@@ -138,6 +159,11 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     write_gradient_image(folder / "tiny_data/train/ants/new.png", (120, 200, 30))
     assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["check", "download", "index"]
     assert json.loads((work / "metrics/data.json").read_text())["images"] == 23
+    assert all(path.stat().st_ino == inode for path, inode in inodes.items())  # kept, not copied again
+    added = work / "data/raw/tiny_data/train/ants/new.png"
+    assert added.stat().st_nlink == 2 and not added.stat().st_mode & 0o222  # the cache's file (cache.type hardlink)
+    assert all(path.stat().st_nlink == 1 and path.stat().st_mode & 0o200 for path in photos)
+    assert cache_objects_hold_their_hashes(work)
     assert {"features", "train"} <= set(json.loads(output(["dvc", "status", "--json"], work, env)))
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)

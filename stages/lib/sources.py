@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -99,24 +100,44 @@ def check_folder_link(entry: Path, relative: str, source: Path) -> None:
                         "copy the file in, or remove the link")
 
 
-def link_or_copy(src: Path, dest: Path) -> bool:
-    """A hard link where the filesystem allows one (no bytes copied), else a copy. True if linked."""
+LINK_FAILURES = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def unchanged_copy(previous: Path, info: os.stat_result) -> bool:
+    """True if `previous` (the last run's data/raw/ file) is a file of the source's size and
+    modification time (copies keep the source's), the test DVC's own state uses for "unchanged"."""
     try:
-        os.link(src, dest)
-        return True
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
+        old = previous.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(old.st_mode) and (old.st_size, old.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
+
+
+def keep_or_copy(src: Path, previous: Path, dest: Path) -> bool:
+    """`previous`, linked to `dest`, if it is an unchanged copy of `src`; else a copy of `src`.
+    True if kept. Never a link to `src` itself: DVC (cache.type hardlink) moves a new output file
+    into its cache and makes it read-only, so a link would turn the user's photo into a cache object
+    that an edit in place corrupts."""
+    info = src.stat()
+    if unchanged_copy(previous, info):
+        try:
+            os.link(previous, dest)
+            return True
+        except OSError as err:
+            if err.errno not in LINK_FAILURES:
+                raise
     shutil.copy2(src, dest)
     return False
 
 
-def bring_folder(source: Path, dest: Path, max_bytes: int, max_files: int) -> tuple[int, int]:
+def bring_folder(source: Path, dest: Path, previous: Path, max_bytes: int, max_files: int) -> tuple[int, int]:
     """Every file under `source` into the empty folder `dest`, under the archives' rules: links
-    leading outside refused, links inside not followed, caps on size and count. Returns (hard
-    links, copies)."""
+    leading outside refused, links inside not followed, caps on size and count. A file that
+    `previous` (the last run's data/raw/, kept by DVC: persist) holds unchanged is linked from there:
+    no bytes copied, and DVC knows its inode, so it neither hashes nor caches it again; the rest are
+    copied. Returns (kept, copied)."""
     check_not_overlapping(source, dest.parent)
-    linked = copied = total = files = 0
+    kept = copied = total = files = 0
     for relative, entry in folder_entries(source):
         if entry.is_symlink():
             check_folder_link(entry, relative, source)
@@ -134,8 +155,8 @@ def bring_folder(source: Path, dest: Path, max_bytes: int, max_files: int) -> tu
                             f"({max_bytes / 2**20:g} MB); raise the limit if the folder is genuine")
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        if link_or_copy(entry, target):
-            linked += 1
+        if keep_or_copy(entry, previous / relative, target):
+            kept += 1
         else:
             copied += 1
-    return linked, copied
+    return kept, copied
