@@ -717,10 +717,10 @@ def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_the
     from stages.lib.training import Run, fit_head, head_epochs_for
 
     params = load_params(PROJECT_ROOT / "params.yaml")
-    settings = params.train.model_copy(update={"head_epochs": 30, "head_batch_size": 32, "head_max_steps": 5000})
+    settings = params.train.model_copy(update={"head_epochs": 30, "head_batch_size": 32, "head_max_steps": 10_000})
     # hymenoptera, TrashNet and blood cells (plain and mirrored views) keep their 30 epochs
     assert [head_epochs_for(settings, 2 * images) for images in (245, 1516, 1200)] == [30, 30, 30]
-    assert head_epochs_for(settings, 24_000) == 6  # 750 steps an epoch: 4,500 of the 5,000
+    assert head_epochs_for(settings, 24_000) == 13  # 750 steps an epoch: 9,750 of the 10,000
     assert head_epochs_for(settings, 400_000) == 1  # never none
     assert head_epochs_for(settings.model_copy(update={"head_epochs": 4}), 24_000) == 4
 
