@@ -1,12 +1,12 @@
 """Stage `download`: bring what `data.url` names into data/raw/: a folder of images, or an archive.
 
 A local folder is copied in file by file, except the files the last run's data/raw/ (a persistent
-output) holds unchanged, which are kept (lib/sources.py). An archive is looked for by its file name on
-the project's shelf (data/archives/) and then in $DATA_MIRROR before the network, so the default
+output) holds unchanged, which are kept (lib/sources.py). An archive is looked for by its file name
+on the project's shelf (data/archives/) and then in $DATA_MIRROR before the network, so the default
 pipeline runs offline (lib/fetch.py); it is verified against `data.sha256` when pinned, and
 unpacked member by member with guards against path traversal, escaping links and archive bombs
-(lib/archives.py). Either way archives found inside are unpacked one level deep, and the result
-is built in a temporary directory that is renamed into place.
+(lib/archives.py). Either way archives found inside are unpacked one level deep, and the result is
+built in a temporary directory that is renamed into place.
 """
 
 from __future__ import annotations
