@@ -25,14 +25,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.defaults import SHARED, read_json
 from bench.publish import machine, publish
 from bench.workspace import restored_workspace, run_on_archive
 
 RESULTS = Path("bench/results/head_steps.md")
-
-
-def read_json(path: str) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def measure(archive: Path, views: int, cap: int) -> dict:
@@ -73,7 +70,7 @@ def main() -> None:
     with restored_workspace():
         for name in args.archives.split(","):
             for cap in (int(c) for c in args.caps.split(",")):
-                rows.append(measure(Path("../shared/datasets") / f"{name}.zip", args.views, cap))
+                rows.append(measure(SHARED / f"{name}.zip", args.views, cap))
     publish("head-steps", table(rows, args.views), RESULTS)
 
 

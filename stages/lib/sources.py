@@ -113,12 +113,12 @@ def unchanged_copy(previous: Path, info: os.stat_result) -> bool:
     return stat.S_ISREG(old.st_mode) and (old.st_size, old.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
 
 
-def keep_or_copy(src: Path, previous: Path, dest: Path) -> bool:
-    """`previous`, linked to `dest`, if it is an unchanged copy of `src`; else a copy of `src`.
+def keep_or_copy(src: Path, info: os.stat_result, previous: Path, dest: Path) -> bool:
+    """`previous`, linked to `dest`, if it is an unchanged copy of `src` (whose stat is `info`); else a
+    copy of `src`.
     True if kept. Never a link to `src` itself: DVC (cache.type hardlink) moves a new output file
     into its cache and makes it read-only, so a link would turn the user's photo into a cache object
     that an edit in place corrupts."""
-    info = src.stat()
     if unchanged_copy(previous, info):
         try:
             os.link(previous, dest)
@@ -149,13 +149,14 @@ def bring_folder(source: Path, dest: Path, previous: Path, max_bytes: int, max_f
         if files > max_files:
             raise UserError(f"{source}: more than {max_files} files (at {relative}); "
                             "raise data.max_members if the folder is genuine")
-        total += entry.stat().st_size
+        info = entry.stat()
+        total += info.st_size
         if total > max_bytes:
             raise UserError(f"{source}: {relative} takes the size past data.max_unpacked_mb "
                             f"({max_bytes / 2**20:g} MB); raise the limit if the folder is genuine")
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        if keep_or_copy(entry, previous / relative, target):
+        if keep_or_copy(entry, info, previous / relative, target):
             kept += 1
         else:
             copied += 1
