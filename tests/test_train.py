@@ -736,3 +736,45 @@ def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_the
     assert [e.epoch for e in epochs] == [1, 2]  # 20 steps an epoch: two fit in 45
     # the cosine spans the two epochs, not thirty: halfway down at the second
     assert epochs[1].lr == pytest.approx(capped.train.lr / 2)
+
+
+def test_the_head_trains_on_one_torch_thread_to_the_same_bits_as_on_two(monkeypatch):
+    import contextlib
+
+    from stages.lib import training
+    from stages.lib.classifier import make_head
+    from stages.lib.params import load_params
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"head_epochs": 3})})
+    generator = np.random.default_rng(0)
+    labels = generator.integers(0, 3, 400)
+    # 32 x 96 numbers a step: torch splits the dropout mask between its threads above 800
+    split = {"features": (generator.normal(size=(400, 2, 96)) + labels[:, None, None]).astype(np.float32),
+             "labels": labels, "views": ["plain", "hflip"]}
+    threads_seen = []
+    real_step = training.Optimization.step
+    monkeypatch.setattr(training.Optimization, "step",
+                        lambda self, loss: (threads_seen.append(torch.get_num_threads()), real_step(self, loss)))
+
+    def trained() -> tuple[dict, list]:
+        torch.manual_seed(0)
+        head = make_head(96, 3, "linear", 0, 0.2)
+        scores = [e.result for e in training.fit_head(head, split, split, training.Run(params, torch.device("cpu"), 3),
+                                                      1)]
+        return head.state_dict(), scores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with monkeypatch.context() as patched:
+            patched.setattr(training, "one_torch_thread", contextlib.nullcontext)
+            on_two, on_two_scores = trained()
+        assert set(threads_seen) == {2}
+        threads_seen.clear()
+        on_one, on_one_scores = trained()
+        assert set(threads_seen) == {1} and torch.get_num_threads() == 2  # and back to two after
+    finally:
+        torch.set_num_threads(before)
+    assert on_one_scores == on_two_scores
+    assert all(torch.equal(on_one[name], on_two[name]) for name in on_two)
