@@ -7,7 +7,7 @@ Run it in a throwaway clone with its own DVC cache (git clone, link .venv); the 
 (the default params), then this process trains on them the suspects stage's out-of-fold heads
 (lib/folds.py) and the train stage's head (training.fit_head), each twice: as the stages train them,
 on one torch thread (training.one_torch_thread), and with torch on every core, as before (that
-context made a no-op); and checks that both give the same bits. Then the same on random features
+context made a no-op); and whether both give the same bits. Then the same on random features
 with a class signal: N images of two views of 1,280 numbers (Lite0's width) in 4 classes, as
 train + val hold at bench.scale's 20,000 images. Writes bench/results/head_threads.md and
 docs/speed.md's `head-threads` block.
@@ -97,7 +97,8 @@ def table(rows: list[dict]) -> str:
              "default params; seconds of the suspects stage's five out-of-fold heads and of the train stage's head, "
              f"with torch on every core ({rows[0]['threads']} threads) as before, and on one thread as now).", "",
              "| features | images (train + val) | suspects' heads, every core | one thread | ratio | "
-             "train's head, every core | one thread | ratio | same bits |", "|---|---|---|---|---|---|---|---|---|"]
+             "train's head, every core | one thread | ratio | the same bits both ways |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['data']} | {r['images']:,} | {r['suspects_every_core']:.1f} s | {r['suspects_one']:.1f} s | "
               f"**{r['suspects_every_core'] / r['suspects_one']:.2f}x** | {r['train_every_core']:.1f} s | "
               f"{r['train_one']:.1f} s | **{r['train_every_core'] / r['train_one']:.2f}x** | "
