@@ -77,3 +77,40 @@ def test_the_stage_puts_flipped_labels_first(tiny_project):
     pairs = pd.read_csv(root / "metrics/suspects/label_errors.csv")
     assert len(pairs) == len(classes) * (len(classes) - 1)
     assert (root / "metrics/suspects/suspects.png").stat().st_size > 0
+
+
+def test_the_folds_heads_train_in_forked_processes_to_the_bits_they_have_one_after_another(monkeypatch, tmp_path):
+    import os
+
+    from stages.lib import folds
+    from stages.lib.params import load_params
+    from tests.conftest import PROJECT_ROOT
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"head_epochs": 3})})
+    generator = np.random.default_rng(0)
+    labels = generator.integers(0, 3, 150)
+    split = {"features": (generator.normal(size=(150, 2, 32)) + labels[:, None, None]).astype(np.float32),
+             "labels": labels, "views": ["plain", "hflip"]}
+    trained_by = tmp_path / "pids"
+    trained_by.mkdir()
+    real = folds.fold_probabilities
+
+    def noting_the_process(split, params, fold, k, classes):
+        (trained_by / f"{k}-{os.getpid()}").touch()
+        return real(split, params, fold, k, classes)
+
+    monkeypatch.setattr(folds, "fold_probabilities", noting_the_process)
+    monkeypatch.setattr(folds, "cpu_threads", lambda: 1)
+    one_after_another = folds.out_of_fold_probabilities(split, params, 5, 3)
+    assert {p.name for p in trained_by.iterdir()} == {f"{k}-{os.getpid()}" for k in range(5)}
+    for p in trained_by.iterdir():
+        p.unlink()
+    monkeypatch.setattr(folds, "cpu_threads", lambda: 2)
+    side_by_side = folds.out_of_fold_probabilities(split, params, 5, 3)
+    noted = [p.name.split("-") for p in trained_by.iterdir()]
+    assert sorted(int(k) for k, _ in noted) == list(range(5))
+    assert os.getpid() not in {int(pid) for _, pid in noted}  # every head in a forked process
+    assert folds._shared is None  # nothing kept for the next call
+    assert np.array_equal(one_after_another, side_by_side)
+    assert np.allclose(one_after_another.sum(1), 1)
