@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stages import suspects
 from stages.lib.features import read_features, save_features
@@ -114,3 +115,43 @@ def test_the_folds_heads_train_in_forked_processes_to_the_bits_they_have_one_aft
     assert folds._shared is None  # nothing kept for the next call
     assert np.array_equal(one_after_another, side_by_side)
     assert np.allclose(one_after_another.sum(1), 1)
+
+
+@pytest.mark.slow  # a process that imports torch and trains heads until it is killed
+def test_the_heads_processes_end_when_the_stage_is_killed():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import psutil
+
+    from tests.conftest import PROJECT_ROOT
+
+    script = textwrap.dedent("""
+        from pathlib import Path
+
+        import numpy as np
+
+        from stages.lib.folds import out_of_fold_probabilities
+        from stages.lib.params import load_params
+
+        params = load_params(Path("params.yaml"))
+        params = params.model_copy(update={"train": params.train.model_copy(
+            update={"head_epochs": 10_000, "head_max_steps": 10**9})})  # minutes of training
+        generator = np.random.default_rng(0)
+        split = {"features": generator.normal(size=(500, 2, 16)).astype(np.float32),
+                 "labels": generator.integers(0, 3, 500), "views": ["plain", "hflip"]}
+        out_of_fold_probabilities(split, params, 5, 3)
+    """)
+    stage = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="2"), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(heads := psutil.Process(stage.pid).children()) < 2:
+        assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()
+        time.sleep(0.1)
+    stage.kill()
+    stage.wait()
+    _, alive = psutil.wait_procs(heads, timeout=5)
+    assert not alive

@@ -5,18 +5,21 @@ The folds' heads train side by side, one per core the stage may use (lib/cores.p
 process forked from the stage: a head trains on one torch thread (training.one_torch_thread), so
 one process cannot use a second core. They are on the CPU, and the stage never touches CUDA
 before forking; each fold's head is seeded by its fold, so its bits do not depend on which
-process trains it or when (a test compares them with the heads trained one after another).
+process trains it or when (a test compares them with the heads trained one after another). The
+processes end with the stage, even when it is killed.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from stages.lib.classifier import head_config, make_head
+from stages.lib.cli import die_with_parent
 from stages.lib.cores import cpu_threads
 from stages.lib.head import feature_probabilities, head_layers
 from stages.lib.params import Params
@@ -54,6 +57,13 @@ def fold_probabilities(split: dict, params: Params, fold: np.ndarray, k: int, cl
 _shared: tuple | None = None
 
 
+def _die_with_the_stage(stage: int) -> None:
+    """A head's process ends when the stage does, even by SIGKILL (as the stage ends with DVC)."""
+    die_with_parent()
+    if os.getppid() != stage:  # gone already, before the signal was set
+        os._exit(1)
+
+
 def _shared_fold_probabilities(k: int) -> np.ndarray:
     # One core per process: numpy's BLAS too (scoring the held-out fold), or two processes' BLAS
     # threads take turns on two cores (a third of the time lost at 2,000 images).
@@ -75,7 +85,7 @@ def out_of_fold_probabilities(split: dict, params: Params, folds: int, classes: 
     else:
         _shared = (split, params, fold, classes)
         try:
-            with multiprocessing.get_context("fork").Pool(processes) as pool:
+            with multiprocessing.get_context("fork").Pool(processes, _die_with_the_stage, (os.getpid(),)) as pool:
                 results = pool.map(_shared_fold_probabilities, trained, chunksize=1)
         finally:
             _shared = None
