@@ -93,6 +93,27 @@ def zip_tree(source: Path, dest: Path) -> Path:
     return dest
 
 
+# --- heads on cached features, trained in the test's process ---------------------------------
+
+def params_with_train(**train):
+    """The project's params.yaml, loaded, with these train settings."""
+    from stages.lib.params import load_params
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    return params.model_copy(update={"train": params.train.model_copy(update=train)})
+
+
+def random_feature_split(images: int, classes: int, width: int, seed: int = 0) -> dict:
+    """Cached features of a split as lib/features.py reads them (plain and mirrored views), random
+    around each image's label: what a head learns from."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    labels = generator.integers(0, classes, images)
+    return {"features": (generator.normal(size=(images, 2, width)) + labels[:, None, None]).astype(np.float32),
+            "labels": labels, "views": ["plain", "hflip"]}
+
+
 # --- a tiny training project: generated images and a tiny randomly initialised backbone ------
 
 TINY_BACKBONE = "timm:test_efficientnet"

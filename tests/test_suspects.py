@@ -84,15 +84,10 @@ def test_the_folds_heads_train_in_forked_processes_to_the_bits_they_have_one_aft
     import os
 
     from stages.lib import folds
-    from stages.lib.params import load_params
-    from tests.conftest import PROJECT_ROOT
+    from tests.conftest import params_with_train, random_feature_split
 
-    params = load_params(PROJECT_ROOT / "params.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={"head_epochs": 3})})
-    generator = np.random.default_rng(0)
-    labels = generator.integers(0, 3, 150)
-    split = {"features": (generator.normal(size=(150, 2, 32)) + labels[:, None, None]).astype(np.float32),
-             "labels": labels, "views": ["plain", "hflip"]}
+    params = params_with_train(head_epochs=3)
+    split = random_feature_split(150, 3, 32)
     trained_by = tmp_path / "pids"
     trained_by.mkdir()
     real = folds.fold_probabilities

@@ -20,7 +20,7 @@ from stages import train
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError
 from stages.lib.files import file_sha256
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, params_with_train, random_feature_split
 
 
 def load_model_checkpoint(root):
@@ -741,16 +741,11 @@ def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_the
 def test_the_head_trains_on_one_torch_thread_so_its_bits_do_not_depend_on_the_cores(monkeypatch):
     from stages.lib import training
     from stages.lib.classifier import make_head
-    from stages.lib.params import load_params
 
-    params = load_params(PROJECT_ROOT / "params.yaml")
-    params = params.model_copy(update={"train": params.train.model_copy(update={"head_epochs": 2})})
+    params = params_with_train(head_epochs=2)
     # Six classes of 256 numbers: on this torch, a head trained on two threads rounds differently
     # from one trained on one (measured: the weights differ from the first epoch on).
-    generator = np.random.default_rng(0)
-    labels = generator.integers(0, 6, 200)
-    split = {"features": (generator.normal(size=(200, 2, 256)) + labels[:, None, None]).astype(np.float32),
-             "labels": labels, "views": ["plain", "hflip"]}
+    split = random_feature_split(200, 6, 256)
     threads_seen = []
     real_step = training.Optimization.step
     monkeypatch.setattr(training.Optimization, "step",
