@@ -1,18 +1,16 @@
-"""Heads on cached features on one torch thread, and the suspects stage's side by side, against
-torch on every core, in one run.
+"""Heads on cached features on one torch thread, against torch on every core, in one run.
 
     python -m bench.head_threads [--archives hymenoptera_data,trashnet,blood_cells] [--synthetic 16000]
 
 Run it in a throwaway clone with its own DVC cache (git clone, link .venv); the archives are
 ../shared/datasets/*.zip. For each archive, `dvc exp run ... features` makes its cached features
 (the default params), then this process trains on them the suspects stage's out-of-fold heads
-(lib/folds.py) and the train stage's head (training.fit_head): as before, one after another with
-torch on every core (training.one_torch_thread made a no-op); on one torch thread, one after
-another; and as the stages train them now, on one thread, the suspects' heads side by side, one
-process per core. It says whether all give the same bits. Then the same on random features with a
-class signal: N images of two views of 1,280 numbers (Lite0's width) in 4 classes, as train + val
-hold at bench.scale's 20,000 images. Writes bench/results/head_threads.md and docs/speed.md's
-`head-threads` block.
+(lib/folds.py) and the train stage's head (training.fit_head), each twice: as the stages train them,
+on one torch thread (training.one_torch_thread), and with torch on every core, as before (that
+context made a no-op); and whether both give the same bits. Then the same on random features
+with a class signal: N images of two views of 1,280 numbers (Lite0's width) in 4 classes, as
+train + val hold at bench.scale's 20,000 images. Writes bench/results/head_threads.md and
+docs/speed.md's `head-threads` block.
 """
 
 from __future__ import annotations
@@ -32,22 +30,21 @@ import torch
 from bench.defaults import SHARED
 from bench.publish import machine, publish
 from bench.workspace import restored_workspace, run_on_archive
-from stages.lib import folds, training
+from stages.lib import training
 from stages.lib.classifier import head_config, make_head
+from stages.lib.folds import out_of_fold_probabilities
 from stages.lib.params import Params, load_params
 
 RESULTS = Path("bench/results/head_threads.md")
 
 
-def heads(train: dict, val: dict, merged: dict, params: Params, classes: int, one_thread: bool,
-          side_by_side: bool) -> dict:
+def heads(train: dict, val: dict, merged: dict, params: Params, classes: int, one_thread: bool) -> dict:
     """Seconds of the suspects stage's heads and of train's head, and an md5 of what they made."""
     context = training.one_torch_thread if one_thread else contextlib.nullcontext
     digest = hashlib.md5()
-    with mock.patch.object(training, "one_torch_thread", context), \
-            mock.patch.object(folds, "cpu_threads", folds.cpu_threads if side_by_side else lambda: 1):
+    with mock.patch.object(training, "one_torch_thread", context):
         started = time.perf_counter()
-        digest.update(folds.out_of_fold_probabilities(merged, params, params.suspects.folds, classes).tobytes())
+        digest.update(out_of_fold_probabilities(merged, params, params.suspects.folds, classes).tobytes())
         suspects = time.perf_counter() - started
         torch.manual_seed(params.train.seed)
         head = make_head(train["features"].shape[-1], classes, **head_config(params.model))
@@ -62,13 +59,12 @@ def heads(train: dict, val: dict, merged: dict, params: Params, classes: int, on
 
 
 def measure(name: str, train: dict, val: dict, merged: dict, params: Params, classes: int) -> dict:
-    before = heads(train, val, merged, params, classes, one_thread=False, side_by_side=False)
-    one = heads(train, val, merged, params, classes, one_thread=True, side_by_side=False)
-    now = heads(train, val, merged, params, classes, one_thread=True, side_by_side=True)
+    every_core = heads(train, val, merged, params, classes, one_thread=False)
+    one = heads(train, val, merged, params, classes, one_thread=True)
     row = {"data": name, "images": len(merged["labels"]), "threads": torch.get_num_threads(),
-           "suspects_before": before["suspects"], "suspects_one": one["suspects"], "suspects_now": now["suspects"],
-           "train_before": before["train"], "train_now": now["train"],
-           "same_bits": before["md5"] == one["md5"] == now["md5"], "one_is_now": one["md5"] == now["md5"]}
+           "suspects_every_core": every_core["suspects"], "suspects_one": one["suspects"],
+           "train_every_core": every_core["train"], "train_one": one["train"],
+           "same_bits": every_core["md5"] == one["md5"]}
     print(json.dumps(row), flush=True)
     return row
 
@@ -98,17 +94,15 @@ def synthetic_row(images: int, width: int = 1280, classes: int = 4) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()} by `python -m bench.head_threads` (one run; the "
-             "default params; seconds of the suspects stage's five out-of-fold heads and of the train stage's head: "
-             f"before, one after another with torch on every core ({rows[0]['threads']} threads); on one thread; "
-             "now, on one thread and the suspects' heads one process per core).", "",
-             "| features | images (train + val) | suspects' heads before | on one thread | now, side by side | "
-             "ratio | train's head before | now | ratio | the same bits |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['data']} | {r['images']:,} | {r['suspects_before']:.1f} s | {r['suspects_one']:.1f} s | "
-              f"{r['suspects_now']:.1f} s | **{r['suspects_before'] / r['suspects_now']:.2f}x** | "
-              f"{r['train_before']:.1f} s | {r['train_now']:.1f} s | **{r['train_before'] / r['train_now']:.2f}x** | "
-              f"{'yes' if r['same_bits'] else 'no; yes side by side as one after another' if r['one_is_now'] else 'NO'}"
-              " |" for r in rows]
+             "default params; seconds of the suspects stage's five out-of-fold heads and of the train stage's head, "
+             f"with torch on every core ({rows[0]['threads']} threads) as before, and on one thread as now).", "",
+             "| features | images (train + val) | suspects' heads, every core | one thread | ratio | "
+             "train's head, every core | one thread | ratio | the same bits both ways |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['data']} | {r['images']:,} | {r['suspects_every_core']:.1f} s | {r['suspects_one']:.1f} s | "
+              f"**{r['suspects_every_core'] / r['suspects_one']:.2f}x** | {r['train_every_core']:.1f} s | "
+              f"{r['train_one']:.1f} s | **{r['train_every_core'] / r['train_one']:.2f}x** | "
+              f"{'yes' if r['same_bits'] else 'NO'} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -113,7 +113,6 @@ def covered(read: str, declared: list[str]) -> bool:
 
 @pytest.mark.slow  # runs every stage once
 def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypatch, tmp_path):
-    from stages.lib import folds
     from stages.lib import params as params_module
 
     root = tiny_project(run_features=False, strategy="finetune", train={"head_epochs": 1, "epochs": 1})
@@ -126,8 +125,6 @@ def test_each_stage_reads_exactly_the_params_it_declares(tiny_project, monkeypat
     data["data"].update(url=str(archive), sha256=None)
     (root / "params.yaml").write_text(yaml.safe_dump(data))
     real_load = params_module.load_params
-    # The suspects' heads one after another, in this process: reads in forked processes go unseen.
-    monkeypatch.setattr(folds, "cpu_threads", lambda: 1)
     # check reads every param (it validates them all) and declares none: it always runs.
     for name in [stage for stage in PIPELINE if stage != "check"]:
         seen: set[str] = set()

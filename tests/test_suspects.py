@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from stages import suspects
 from stages.lib.features import read_features, save_features
@@ -78,75 +77,3 @@ def test_the_stage_puts_flipped_labels_first(tiny_project):
     pairs = pd.read_csv(root / "metrics/suspects/label_errors.csv")
     assert len(pairs) == len(classes) * (len(classes) - 1)
     assert (root / "metrics/suspects/suspects.png").stat().st_size > 0
-
-
-def test_the_folds_heads_train_in_forked_processes_to_the_bits_they_have_one_after_another(monkeypatch, tmp_path):
-    import os
-
-    from stages.lib import folds
-    from tests.conftest import params_with_train, random_feature_split
-
-    params = params_with_train(head_epochs=3)
-    split = random_feature_split(150, 3, 32)
-    trained_by = tmp_path / "pids"
-    trained_by.mkdir()
-    real = folds.fold_probabilities
-
-    def noting_the_process(split, params, fold, k, classes):
-        (trained_by / f"{k}-{os.getpid()}").touch()
-        return real(split, params, fold, k, classes)
-
-    monkeypatch.setattr(folds, "fold_probabilities", noting_the_process)
-    monkeypatch.setattr(folds, "cpu_threads", lambda: 1)
-    one_after_another = folds.out_of_fold_probabilities(split, params, 5, 3)
-    assert {p.name for p in trained_by.iterdir()} == {f"{k}-{os.getpid()}" for k in range(5)}
-    for p in trained_by.iterdir():
-        p.unlink()
-    monkeypatch.setattr(folds, "cpu_threads", lambda: 2)
-    side_by_side = folds.out_of_fold_probabilities(split, params, 5, 3)
-    noted = [p.name.split("-") for p in trained_by.iterdir()]
-    assert sorted(int(k) for k, _ in noted) == list(range(5))
-    assert os.getpid() not in {int(pid) for _, pid in noted}  # every head in a forked process
-    assert folds._shared is None  # nothing kept for the next call
-    assert np.array_equal(one_after_another, side_by_side)
-    assert np.allclose(one_after_another.sum(1), 1)
-
-
-@pytest.mark.slow  # a process that imports torch and trains heads until it is killed
-def test_the_heads_processes_end_when_the_stage_is_killed():
-    import os
-    import subprocess
-    import sys
-    import textwrap
-    import time
-
-    import psutil
-
-    from tests.conftest import PROJECT_ROOT
-
-    script = textwrap.dedent("""
-        from pathlib import Path
-
-        import numpy as np
-
-        from stages.lib.folds import out_of_fold_probabilities
-        from stages.lib.params import load_params
-
-        params = load_params(Path("params.yaml"))
-        params = params.model_copy(update={"train": params.train.model_copy(
-            update={"head_epochs": 10_000, "head_max_steps": 10**9})})  # minutes of training
-        generator = np.random.default_rng(0)
-        split = {"features": generator.normal(size=(500, 2, 16)).astype(np.float32),
-                 "labels": generator.integers(0, 3, 500), "views": ["plain", "hflip"]}
-        out_of_fold_probabilities(split, params, 5, 3)
-    """)
-    stage = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT,
-                             env=dict(os.environ, OMP_NUM_THREADS="2"), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len(heads := psutil.Process(stage.pid).children()) < 2:
-        assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()
-        time.sleep(0.1)
-    stage.kill()
-    stage.wait()
-    _, alive = psutil.wait_procs(heads, timeout=5)
-    assert not alive

@@ -228,10 +228,9 @@ def head_epochs_for(settings: TrainParams, vectors: int) -> int:
 def one_torch_thread():
     """Torch on one thread, then as many as before. A head's step works on a few thousand numbers:
     waking a second thread for its dropout mask and matrix products costs more than it saves
-    (bench.head_threads: the suspects stage's five heads, one after another, 2.3x to 3.2x faster on
-    the archives). And on more than one thread the matrix products of some shapes round differently
-    with the number of threads, so a head was not the same bits on two cores as in a queue worker
-    on one."""
+    (bench.head_threads: the suspects stage's five heads 2.3x to 2.6x faster on the archives). And
+    on more than one thread the matrix products of some shapes round differently with the number
+    of threads, so a head was not the same bits on two cores as in a queue worker on one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
