@@ -713,23 +713,17 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
 
 def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_them():
     from stages.lib.classifier import make_head
-    from stages.lib.params import load_params
     from stages.lib.training import Run, fit_head, head_epochs_for
 
-    params = load_params(PROJECT_ROOT / "params.yaml")
-    settings = params.train.model_copy(update={"head_epochs": 30, "head_batch_size": 32, "head_max_steps": 10_000})
+    settings = params_with_train(head_epochs=30, head_batch_size=32, head_max_steps=10_000).train
     # hymenoptera, TrashNet and blood cells (plain and mirrored views) keep their 30 epochs
     assert [head_epochs_for(settings, 2 * images) for images in (245, 1516, 1200)] == [30, 30, 30]
     assert head_epochs_for(settings, 24_000) == 13  # 750 steps an epoch: 9,750 of the 10,000
     assert head_epochs_for(settings, 400_000) == 1  # never none
     assert head_epochs_for(settings.model_copy(update={"head_epochs": 4}), 24_000) == 4
 
-    generator = np.random.default_rng(0)
-    labels = generator.integers(0, 2, 100)
-    split = {"features": (generator.normal(size=(100, 2, 8)) + labels[:, None, None]).astype(np.float32),
-             "labels": labels, "views": ["plain", "hflip"]}
-    capped = params.model_copy(update={"train": params.train.model_copy(
-        update={"head_epochs": 30, "head_batch_size": 10, "head_max_steps": 45, "scheduler": "cosine"})})
+    split = random_feature_split(100, 2, 8)
+    capped = params_with_train(head_epochs=30, head_batch_size=10, head_max_steps=45, scheduler="cosine")
     torch.manual_seed(0)
     epochs = [epoch.result for epoch in fit_head(make_head(8, 2, "linear", 0, 0.2), split, split,
                                                   Run(capped, torch.device("cpu"), 2), 1)]
