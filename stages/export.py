@@ -48,7 +48,7 @@ from stages.lib.export import (
     sidecar,
 )
 from stages.lib.export_folder import write_predictor
-from stages.lib.feature_cache import lacking, onnx_setting_key, prune, read_vectors, short_hash, write_vector
+from stages.lib.feature_cache import entry_paths, filled, onnx_setting_key, prune, short_hash
 from stages.lib.files import atomic_dir, atomic_path, write_json_atomic
 from stages.lib.head import feature_probabilities
 from stages.lib.images import load_image
@@ -70,23 +70,23 @@ def backbone_features(onnx_file: Path, setting: str, rows, side: dict,
     computed and added to it. Also the cache files used."""
     cache = EXPORT_CACHE / setting
     paths, sha256s = rows["path"].tolist(), rows["sha256"].tolist()
-    missing = lacking(cache, views, sha256s)
-    if missing:
+
+    def through_backbone(missing: list[int]) -> np.ndarray:
         session = cpu_session(onnx_file, cpu_threads())
         name = session.get_inputs()[0].name
+        computed = []
         for start in range(0, len(missing), SCORING_BATCH):
-            batch = missing[start:start + SCORING_BATCH]
-            images = np.stack([prepared(RAW_DIR / paths[i], side) for i in batch])
-            for view in views:
-                # ONNX Runtime's CPU kernels give an image the same bits in any batch, alone included
-                # (tests/test_export.py checks a run from the cache against one from an empty cache)
-                inputs = np.ascontiguousarray(images[..., ::-1] if view == "hflip" else images)
-                outputs = session.run(None, {name: inputs})[0]
-                for i, vector in zip(batch, outputs):
-                    write_vector(cache, view, sha256s[i], vector)
+            images = np.stack([prepared(RAW_DIR / paths[i], side) for i in missing[start:start + SCORING_BATCH]])
+            # ONNX Runtime's CPU kernels give an image the same bits in any batch, alone included
+            # (tests/test_export.py checks a run from the cache against one from an empty cache)
+            computed.append(np.stack([session.run(None, {name: np.ascontiguousarray(
+                images[..., ::-1] if view == "hflip" else images)})[0] for view in views], axis=1))
+        return np.concatenate(computed)
+
+    vectors, missing = filled(cache, views, sha256s, through_backbone)
     log.info("%s: %d test images x %d views (%d through it, %d from %s)", onnx_file.name, len(rows), len(views),
              len(missing), len(rows) - len(missing), EXPORT_CACHE)
-    return read_vectors(cache, views, sha256s)
+    return vectors, entry_paths(cache, views, sha256s)
 
 
 def prepared(path: Path, side: dict) -> np.ndarray:

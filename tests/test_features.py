@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -92,11 +93,48 @@ def test_added_images_alone_go_through_the_backbone_and_the_outputs_equal_a_fres
     files = [root / f"data/features/{split}.safetensors" for split in ("train", "val", "test")]
     incremental = [path.read_bytes() for path in files]
     cache = root / "data/cache/features"
-    vectors = sorted(p.relative_to(cache) for p in cache.rglob("*.npy"))
+    vectors = sorted(p.relative_to(cache) for p in cache.rglob("*.vec"))
     views = {"train": 3, "val": 1, "test": 1}
     assert len(vectors) == sum(views[split] for split in table["split"])  # nothing else is kept
     shutil.rmtree(cache)
     features.main()
     assert through_backbone(caplog) == 32
     assert [path.read_bytes() for path in files] == incremental
-    assert sorted(p.relative_to(cache) for p in cache.rglob("*.npy")) == vectors
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*.vec")) == vectors
+
+
+def test_damaged_cache_entries_are_named_removed_and_computed_again(tiny_project, caplog):
+    """A truncated entry, one zeroed, and two swapped (each whole, but another image's): each is
+    logged with its path and computed again, and the features are those of an empty cache."""
+    import logging
+
+    from stages.lib.feature_cache import cached_vectors
+
+    caplog.set_level(logging.INFO)
+    root = tiny_project(features={"views": 1})
+    files = [root / f"data/features/{split}.safetensors" for split in ("train", "val", "test")]
+    fresh = [path.read_bytes() for path in files]  # the fixture's run began from an empty cache
+    entries = sorted((root / "data/cache/features").rglob("*.vec"))
+    truncated, zeroed, swapped_a, swapped_b = entries[0], entries[3], entries[5], entries[8]
+    truncated.write_bytes(truncated.read_bytes()[:10])
+    zeroed.write_bytes(bytes(len(zeroed.read_bytes())))
+    a, b = swapped_a.read_bytes(), swapped_b.read_bytes()
+    swapped_a.write_bytes(b)
+    swapped_b.write_bytes(a)
+    features.main()
+    damaged = [r.getMessage() for r in caplog.records if "damaged cache entry" in r.getMessage()]
+    assert sorted(line.split(":")[0] for line in damaged) == sorted(
+        str(p.relative_to(root)) for p in (truncated, zeroed, swapped_a, swapped_b)), damaged
+    assert "(10 bytes, not a checksum and a float32 vector)" in "".join(damaged)
+    assert sum("its checksum does not match its content" in line for line in damaged) == 3
+    assert through_backbone(caplog) == 4
+    assert [path.read_bytes() for path in files] == fresh
+    assert sorted((root / "data/cache/features").rglob("*.vec")) == entries  # healed in place
+    # A vector that is whole but not finite is damaged too.
+    view, sha = truncated.parent.parent.name, truncated.stem
+    from stages.lib.feature_cache import entry_bytes
+
+    nan = np.full(256, np.nan, dtype=np.float32)
+    truncated.write_bytes(entry_bytes(truncated, nan))
+    assert cached_vectors(truncated.parents[2], [view], [sha]) == [None] and not truncated.exists()
+    assert "not finite" in caplog.text

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stages.lib.data import decode_size, eval_transform, make_loader, train_transform
-from stages.lib.feature_cache import has_vector, lacking, read_vectors, view_key, write_vector
+from stages.lib.feature_cache import entry_paths, filled, view_key
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.params import Params
@@ -105,8 +105,8 @@ def extract_split(split: str, backbone: Callable[[], torch.nn.Module], prep: Pre
     mirrored, augmented = split_views(split, params)
     views = view_names(mirrored, augmented)
     keys = [view_key(view, params.augment, params.features.seed) for view in views]
-    missing = lacking(cache, keys, sha256s)
-    if missing:
+
+    def through_backbone(missing: list[int]) -> np.ndarray:
         dataset = MultiViewDataset([paths[i] for i in missing], [sha256s[i] for i in missing], eval_transform(prep),
                                    train_transform(prep, params.augment), mirrored, augmented,
                                    decode_size(prep, augmented > 0), params.features.seed)
@@ -114,12 +114,10 @@ def extract_split(split: str, backbone: Callable[[], torch.nn.Module], prep: Pre
         images_per_batch = max(1, params.features.batch_size // len(views))
         loader = make_loader(dataset, images_per_batch, None, params.features.workers, device.type == "cuda",
                              params.features.seed, persistent=False)
-        computed = extract(backbone(), loader, device, f"features {split}").numpy()
-        for i, vectors in zip(missing, computed):
-            for key, vector in zip(keys, vectors):
-                if not has_vector(cache, key, sha256s[i]):
-                    write_vector(cache, key, sha256s[i], vector)
-    features, used = read_vectors(cache, keys, sha256s)
+        return extract(backbone(), loader, device, f"features {split}").numpy()
+
+    features, missing = filled(cache, keys, sha256s, through_backbone)
+    used = entry_paths(cache, keys, sha256s)
     log.info("%s: %d images x %d views -> %s (%d images through the backbone, %d from %s)", split, len(rows),
              len(views), tuple(features.shape), len(missing), len(rows) - len(missing), cache.parent)
     return {"views": views, "features": features, "labels": np.asarray(rows["label"].tolist(), dtype=np.int64),

@@ -3,7 +3,10 @@
 data/cache/features/ is an output of the features stage marked `persist: true` in dvc.yaml: DVC
 does not delete it before the stage runs, stores each of its files once in its cache (a new run
 adds only its new files), and pushes and pulls it like any output. Each image's vector of one view
-is a file `<setting>/<view>/<sha256[:2]>/<sha256>.npy`:
+is a file `<setting>/<view>/<sha256[:2]>/<sha256>.vec`: a 16-byte BLAKE2b checksum of the vector
+and of that place, then the vector (float32, little-endian). An entry that is truncated, of another kind, altered or
+not finite is logged with its path, removed and computed again: a damaged cache heals itself in
+the run that finds it, and the run writes what a run from an empty cache writes.
 
 - the setting is a hash of what makes the backbone's output for an image: the pretrained weights
   (their file's sha256), the preprocessing (sizes, normalisation, interpolation) and the versions
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +40,10 @@ import numpy as np
 from stages.lib.files import atomic_path, file_sha256
 from stages.lib.params import AugmentParams
 from stages.lib.preprocessing import Preprocessing
+
+log = logging.getLogger("cache")
+DIGEST = 16  # bytes of BLAKE2b before each vector: a checksum, so that no altered entry is used
+VECTOR = np.dtype("<f4")
 
 
 def short_hash(data: dict) -> str:
@@ -68,32 +76,83 @@ def view_key(view: str, augment: AugmentParams, seed: int) -> str:
 
 
 def vector_path(root: Path, view: str, sha256: str) -> Path:
-    return root / f"{view}/{sha256[:2]}/{sha256}.npy"  # one join, not three: called for every vector
+    return root / f"{view}/{sha256[:2]}/{sha256}.vec"  # one join, not three: called for every vector
 
 
-def has_vector(root: Path, view: str, sha256: str) -> bool:
-    return vector_path(root, view, sha256).is_file()
+def digest(path: Path, payload: bytes) -> bytes:
+    """The checksum of an entry: of its vector and of where it lies in the cache (setting, view,
+    image), so that an entry copied over another image's is caught too."""
+    place = "/".join(path.parts[-4:]).encode()  # <setting>/<view>/<sha256[:2]>/<sha256>.vec
+    return hashlib.blake2b(place + b"\0" + payload, digest_size=DIGEST).digest()
 
 
-def read_vector(root: Path, view: str, sha256: str) -> np.ndarray:
-    return np.load(vector_path(root, view, sha256), allow_pickle=False)
+def entry_bytes(path: Path, vector: np.ndarray) -> bytes:
+    payload = np.ascontiguousarray(vector, dtype=VECTOR).tobytes()
+    return digest(path, payload) + payload
 
 
-def lacking(root: Path, views: list[str], sha256s: list[str]) -> list[int]:
-    """The indices of the images that lack a vector of some view."""
-    return [i for i, sha in enumerate(sha256s) if not all(has_vector(root, view, sha) for view in views)]
+def entry_vector(path: Path, data: bytes) -> np.ndarray:
+    """The vector the entry at `path` holds; ValueError saying what is wrong with it."""
+    if len(data) <= DIGEST or (len(data) - DIGEST) % VECTOR.itemsize:
+        raise ValueError(f"{len(data)} bytes, not a checksum and a float32 vector")
+    payload = data[DIGEST:]
+    if digest(path, payload) != data[:DIGEST]:
+        raise ValueError("its checksum does not match its content")
+    vector = np.frombuffer(payload, dtype=VECTOR)
+    if not np.isfinite(vector).all():
+        raise ValueError("not finite")
+    return vector
 
 
-def read_vectors(root: Path, views: list[str], sha256s: list[str]) -> tuple[np.ndarray, set[Path]]:
-    """The images' vectors [images, views, width], and the files they came from (what prune keeps)."""
-    vectors = np.stack([np.stack([read_vector(root, view, sha) for view in views]) for sha in sha256s])
-    return vectors, {vector_path(root, view, sha) for view in views for sha in sha256s}
+def read_entry(path: Path) -> np.ndarray | None:
+    """An entry's vector; None if it is missing or damaged (then it is logged and removed)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return entry_vector(path, data)
+    except ValueError as error:
+        log.warning("%s: damaged cache entry (%s): removed, computed again", path, error)
+        path.unlink()
+        return None
 
 
-def write_vector(root: Path, view: str, sha256: str, vector: np.ndarray) -> None:
-    """One vector, written whole or not at all."""
-    with atomic_path(vector_path(root, view, sha256)) as temporary, temporary.open("wb") as file:
-        np.save(file, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+def cached_vectors(root: Path, views: list[str], sha256s: list[str]) -> list[np.ndarray | None]:
+    """Each image's vectors [views, width] from the cache; None for an image that lacks the entry
+    of a view, or whose entry was damaged."""
+    found: list[np.ndarray | None] = []
+    for sha in sha256s:
+        vectors = [read_entry(vector_path(root, view, sha)) for view in views]
+        found.append(None if any(v is None for v in vectors) else np.stack(vectors))
+    return found
+
+
+def write_vectors(root: Path, views: list[str], sha256: str, vectors: np.ndarray) -> None:
+    """One image's vectors [views, width], each entry written whole or not at all."""
+    for view, vector in zip(views, vectors):
+        path = vector_path(root, view, sha256)
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(entry_bytes(path, vector))
+
+
+def entry_paths(root: Path, views: list[str], sha256s: list[str]) -> set[Path]:
+    """The cache files of these images' vectors (what prune keeps)."""
+    return {vector_path(root, view, sha) for view in views for sha in sha256s}
+
+
+def filled(root: Path, views: list[str], sha256s: list[str], compute) -> tuple[np.ndarray, list[int]]:
+    """The images' vectors [images, views, width]: the cache's, and `compute(indices)`'s
+    ([len(indices), views, width]) for the images it lacks, which then join the cache. Also those
+    indices."""
+    found = cached_vectors(root, views, sha256s)
+    missing = [i for i, vectors in enumerate(found) if vectors is None]
+    if missing:
+        computed = np.asarray(compute(missing), dtype=VECTOR)
+        for i, vectors in zip(missing, computed):
+            write_vectors(root, views, sha256s[i], vectors)
+            found[i] = vectors
+    return np.stack(found), missing
 
 
 def prune(cache: Path, settings: set[str], keep: set[Path]) -> tuple[int, int]:

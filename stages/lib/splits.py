@@ -31,25 +31,40 @@ KEEP_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
 CSV_COLUMNS = ["path", "class", "label", "split", "sha256", "width", "height"]
 
 
-VALIDATED_VERSION = 1  # of data/cache/images.json's entries
+VALIDATED_VERSION = 2  # of data/cache/images.json's entries
+
+
+def entries_checksum(entries: dict) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def read_validated(path: Path, max_pixels: int) -> dict:
     """sha256 -> [width, height, reason] of the files an earlier run validated, if it ran with the
-    same index.max_pixels and Pillow (which decides what decodes); else nothing."""
+    same index.max_pixels and Pillow (which decides what decodes); else nothing. A file that is
+    unreadable, or whose entries do not match their checksum (edited by hand), is logged and
+    rebuilt: every file is decoded again, as on a first run."""
+    if not path.is_file():
+        return {}
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        entries = cache["images"]
+        if cache["version"] != VALIDATED_VERSION:
+            return {}
+        if cache["checksum"] != entries_checksum(entries):
+            raise ValueError("its entries do not match their checksum")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+        log.warning("%s: damaged (%s): rebuilt, every image decoded again", path, reason.splitlines()[0])
         return {}
-    if not isinstance(cache, dict) or cache.get("version") != VALIDATED_VERSION or cache.get(
-            "pillow") != PIL.__version__ or cache.get("max_pixels") != max_pixels:
+    if cache.get("pillow") != PIL.__version__ or cache.get("max_pixels") != max_pixels:
         return {}
-    return cache.get("images", {})
+    return entries
 
 
 def write_validated(path: Path, max_pixels: int, entries: dict) -> None:
+    entries = dict(sorted(entries.items()))
     write_json_atomic(path, {"version": VALIDATED_VERSION, "pillow": PIL.__version__, "max_pixels": max_pixels,
-                             "images": dict(sorted(entries.items()))})
+                             "checksum": entries_checksum(entries), "images": entries})
 
 
 def validate(images: list[Candidate], raw: Path, max_pixels: int, workers: int,
