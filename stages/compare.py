@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.lib.cli import UserError, run_stage
+from stages.lib.files import read_csv
 from stages.lib.paths import PREDICTIONS_CSV
 from stages.lib.significance import RESAMPLES, mcnemar_exact, paired_bootstrap_difference
 
@@ -46,7 +47,7 @@ def read_predictions(run: str) -> pd.DataFrame:
     if run == WORKSPACE:
         if not PREDICTIONS_CSV.is_file():
             raise UserError(f"{PREDICTIONS_CSV}: not found in the workspace; run the pipeline (dvc repro)")
-        return pd.read_csv(PREDICTIONS_CSV, keep_default_na=False)
+        return read_csv(PREDICTIONS_CSV)
     rev = run if git("rev-parse", "--verify", "--quiet", f"{run}^{{commit}}").returncode == 0 else experiment_ref(run)
     if rev is None:
         raise UserError(f"{run}: neither a git revision nor a DVC experiment; give a commit, branch, tag, "
@@ -54,7 +55,7 @@ def read_predictions(run: str) -> pd.DataFrame:
     shown = git("show", f"{rev}:{PREDICTIONS_CSV.as_posix()}")
     if shown.returncode != 0:
         raise UserError(f"{run}: has no committed {PREDICTIONS_CSV}; commit the pipeline's results there first")
-    return pd.read_csv(io.StringIO(shown.stdout), keep_default_na=False)
+    return read_csv(io.StringIO(shown.stdout))
 
 
 def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ import torch
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
 from stages.lib.data import ImageDataset, decode_size, eval_transform
+from stages.lib.files import read_csv
 from stages.lib.heatmaps import GRAD_CAM, SALIENCY, class_heatmaps, last_feature_map
 from stages.lib.metrics import shown_predictions
 from stages.lib.params import load_params
@@ -41,7 +42,7 @@ BATCH = 8  # images per backward pass: its activations are kept for the gradient
 def read_predictions(classes: list[str]) -> pd.DataFrame:
     if not PREDICTIONS_CSV.is_file():
         raise UserError(f"{PREDICTIONS_CSV}: not found; run the evaluate stage first (dvc repro)")
-    table = pd.read_csv(PREDICTIONS_CSV, keep_default_na=False)
+    table = read_csv(PREDICTIONS_CSV)
     unknown = sorted(set(table["predicted"]) - set(classes))
     if unknown:
         raise UserError(f"{PREDICTIONS_CSV}: predicts {unknown[0]!r}, which {MODEL} does not know; "

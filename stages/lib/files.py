@@ -1,4 +1,5 @@
-"""Writing outputs so that a failed or interrupted run never leaves a half-written one behind."""
+"""Writing outputs so that a failed or interrupted run never leaves a half-written one behind, and
+reading the pipeline's tables back as they were written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -101,30 +101,27 @@ def write_text_atomic(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_output(target: Path, text: str) -> str:
-    """Write a command's output as Unix tools do; returns where it went.
-
-    `-` is standard output. A link is followed: its target is replaced (atomically) if it is a
-    regular file or does not exist yet, written through if it is a device or a pipe
-    (/dev/stdout), and the link itself stays. A folder is refused.
-    """
-    if str(target) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return "standard output"
-    resolved = Path(os.path.realpath(target))
-    if resolved.is_dir():
-        raise UserError(f"{target}: is a folder; give a file name for the CSV, or - for standard output")
-    if resolved.exists() and not resolved.is_file():
-        with open(resolved, "w", encoding="utf-8") as stream:  # a device or a pipe: no rename possible
-            stream.write(text)
-        return str(target)
-    write_text_atomic(resolved, text)
-    return str(target)
-
-
 def write_json_atomic(target: Path, data: Any) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# The columns of the pipeline's CSVs that hold class names, paths, splits and hashes: text, whatever
+# they look like. A class folder named `0` or `02` is the class "0" or "02", not a number (pandas
+# would read both as 0 and 2, and `01` and `1` as one class).
+TEXT_COLUMNS = ("path", "path_a", "path_b", "class", "true", "actual", "predicted", "given", "suggested", "split",
+                "split_a", "split_b", "sha256", "error")
+
+
+def read_csv(source):
+    """A CSV the pipeline wrote (a path or a text stream), its class names and paths as text (every
+    `*_class` column too); the other columns as pandas reads them. An empty field is "", not NaN."""
+    import pandas as pd
+
+    header = pd.read_csv(source, nrows=0).columns
+    if hasattr(source, "seek"):
+        source.seek(0)
+    text = {name: str for name in header if name in TEXT_COLUMNS or name.endswith("_class")}
+    return pd.read_csv(source, dtype=text, keep_default_na=False)
 
 
 def write_csv_atomic(target: Path, table) -> None:

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 
 from stages.lib.cli import UserError
+from stages.lib.files import read_csv
 from stages.lib.paths import CLASSES_JSON, INDEX_CSV
 
 
@@ -21,7 +22,7 @@ def read_split(split: str) -> pd.DataFrame:
     """The index rows of one split, in the index's (seeded, shuffled) order."""
     if not INDEX_CSV.is_file():
         raise UserError(f"{INDEX_CSV}: not found; run the index stage first (dvc repro)")
-    table = pd.read_csv(INDEX_CSV, keep_default_na=False)
+    table = read_csv(INDEX_CSV)
     rows = table[table["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise UserError(f"{INDEX_CSV}: the {split} split is empty; check the index stage's output")
