@@ -35,11 +35,19 @@ from stages.lib.calibration import calibrate
 from stages.lib.checkpoint import read_checkpoint
 from stages.lib.cli import UserError, run_stage
 from stages.lib.data import PathDataset, collate_readable, decode_size, eval_transform
-from stages.lib.files import write_output
 from stages.lib.inference import classify
 from stages.lib.paths import EXPORT_DIR, MODEL
 from stages.lib.runtime import pick_device
-from stages.lib.serve import UNKNOWN, Model, checked, images_to_classify, prediction_arguments, prediction_rows
+from stages.lib.serve import (
+    UNKNOWN,
+    Model,
+    check_destination,
+    checked,
+    images_to_classify,
+    prediction_arguments,
+    prediction_rows,
+    write_output,
+)
 
 log = logging.getLogger("predict")
 
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         paths = images_to_classify(args.paths)
+        check_destination(args.out)
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.int8 and args.engine != "onnx":
@@ -101,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     columns, rows = prediction_rows(paths, probs, errors, classes, args.top_k, args.min_confidence)
     table = pd.DataFrame(rows, columns=columns)
-    where = write_output(args.out, table.to_csv(index=False, lineterminator="\n"))
+    try:
+        where = write_output(args.out, table.to_csv(index=False, lineterminator="\n"))
+    except ValueError as error:
+        raise UserError(str(error)) from None
     failed = sum(bool(e) for e in errors)
     unsure = f", {int((table['predicted'] == UNKNOWN).sum())} {UNKNOWN} (below --min-confidence " \
              f"{args.min_confidence:g})" if args.min_confidence else ""

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,13 +159,13 @@ def test_a_new_head_or_new_images_rescore_the_test_split_from_the_export_cache(t
                                                              "models/export/model.int8.onnx")}
 
     def equals_a_run_from_an_empty_cache() -> None:
-        incremental, vectors = outputs(), sorted(p.relative_to(cache) for p in cache.rglob("*.npy"))
+        incremental, vectors = outputs(), sorted(p.relative_to(cache) for p in cache.rglob("*.vec"))
         shutil.rmtree(cache)
         caplog.clear()
         export.main()
         assert set(through_backbones(caplog).values()) == {test_images}
         assert outputs() == incremental
-        assert sorted(p.relative_to(cache) for p in cache.rglob("*.npy")) == vectors
+        assert sorted(p.relative_to(cache) for p in cache.rglob("*.vec")) == vectors
 
     # Another head on the same backbone: neither backbone runs again
     model = root / "models/model.safetensors"
@@ -310,6 +312,51 @@ def set_params(root: Path, section: str = "export", **settings) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def shipped_predictions_go_where_out_says(python: Path, script: Path, image: Path, where: Path) -> None:
+    """The folder's predict.py run against each kind of --out: what is left on disk is the CSV where
+    it belongs, every link, pipe and device as it was, and no temporary file."""
+    def predict(out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), str(script), str(image), "--out", out], capture_output=True, text=True,
+                              cwd=where, timeout=120)
+
+    where.mkdir()
+    # A link to a regular file: the file is replaced, the link stays.
+    (where / "target.csv").write_text("old\n")
+    (where / "link.csv").symlink_to(where / "target.csv")
+    assert predict("link.csv").returncode == 0
+    assert (where / "link.csv").is_symlink() and (where / "target.csv").read_text().startswith("path,predicted")
+    # A pipe: written in place, read whole by its reader.
+    fifo = where / "pipe"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader.start()
+    assert predict(str(fifo)).returncode == 0
+    reader.join(60)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and read[0].startswith("path,predicted")
+    # A device, as root too: /dev/null stays the system's node.
+    assert predict("/dev/null").returncode == 0 and Path("/dev/null").is_char_device()
+    # Standard output
+    done = predict("-")
+    assert done.returncode == 0 and done.stdout.startswith("path,predicted") and not (where / "-").exists()
+    # A missing parent folder is made, as the project's command makes it.
+    assert predict("new/deeper/out.csv").returncode == 0
+    assert (where / "new/deeper/out.csv").read_text().startswith("path,predicted")
+    # A folder and a read-only file: one line naming --out's path, before any image is classified.
+    (where / "results").mkdir()
+    readonly = where / "kept.csv"
+    readonly.write_text("mine\n")
+    readonly.chmod(0o444)
+    for out, said in (("results", "results: is a folder; give a file name for the CSV, or - for standard output"),
+                      ("kept.csv", "kept.csv: is read-only; make it writable (chmod u+w) or give another --out")):
+        done = predict(out)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [f"error: {said}"], done.stderr
+    assert readonly.read_text() == "mine\n" and not any((where / "results").iterdir())
+    left = sorted(p.relative_to(where).as_posix() for p in where.rglob("*"))
+    assert left == ["kept.csv", "link.csv", "new", "new/deeper", "new/deeper/out.csv", "pipe", "results",
+                    "target.csv"], left  # no temporary file anywhere
+
+
 @pytest.mark.slow  # a virtual environment, then the export stages
 def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_copy, predictor_venv, tmp_path):
     from stages import predict
@@ -350,6 +397,8 @@ def test_the_exported_folder_classifies_without_torch_as_pytorch_does(trained_co
     # The project's own command on the folder runs the same code: the same table
     assert predict.main([str(images), "--out", "onnx.csv", "--top-k", "2", "--engine", "onnx"]) == 1
     assert (root / "onnx.csv").read_text() == done.stdout
+    shipped_predictions_go_where_out_says(predictor_venv, shipped / "predict.py", images / "ant_0.jpg",
+                                          tmp_path / "outputs")
     # No INT8 model shipped: asking for it is one line naming the file
     done = subprocess.run([str(predictor_venv), str(shipped / "predict.py"), str(images), "--int8"],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -144,6 +144,28 @@ def test_out_follows_links_and_never_replaces_them(trained_copy):
     assert device_link.is_symlink() and Path("/dev/null").is_char_device()
     with pytest.raises(UserError, match=r"results: is a folder; give a file name"):
         predict.main([image, "--out", "results", "--workers", "0"])
+    # A read-only file is the user's to keep: refused before any image is classified, left as it was.
+    kept = root / "kept.csv"
+    kept.write_text("mine\n")
+    kept.chmod(0o444)
+    with pytest.raises(UserError, match=r"^kept.csv: is read-only; make it writable \(chmod u\+w\) or give another"):
+        predict.main([image, "--out", "kept.csv", "--workers", "0", "--model", "models/missing.safetensors"])
+    assert kept.read_text() == "mine\n" and sorted(p.name for p in root.glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("predictor", ["project", "exported"])
+def test_a_bad_option_names_only_options_the_predictor_has(predictor, capsys):
+    from stages.lib import serve
+
+    parse = predict.parse_args if predictor == "project" else serve.parse_args
+    has = {"project": "--workers", "exported": "--threads"}[predictor]
+    lacks = {"project": "--threads", "exported": "--workers"}[predictor]
+    for argv, said in ((["x.jpg", "--top-k", "0"], "--top-k and --batch-size must be at least 1"),
+                       (["x.jpg", has, "-1"], f"{has} must be at least 0")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and error.endswith(f"error: {said}") and lacks not in error, error
 
 
 def test_min_confidence_answers_unknown_below_it(trained_copy, caplog):

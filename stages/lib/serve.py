@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -170,8 +171,11 @@ def prediction_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checked(parser: argparse.ArgumentParser, argv: list[str] | None):
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or getattr(args, "threads", 0) < 0 or getattr(args, "workers", 0) < 0:
-        parser.error("--top-k and --batch-size must be at least 1, --threads and --workers at least 0")
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be at least 1")
+    for name in ("threads", "workers"):  # each predictor has one of them
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name} must be at least 0")
     if not 0 <= args.min_confidence <= 1:
         parser.error("--min-confidence must be a probability, from 0 to 1")
     return args
@@ -197,31 +201,77 @@ def images_to_classify(given: list[Path]) -> list[Path]:
     return paths
 
 
+def check_destination(out: Path) -> None:
+    """Raise ValueError (one line, naming `out`) when the CSV cannot be written there, before any
+    image is classified; create its missing parent folders. Standard output (`-`), a pipe or a
+    device is written in place; a link is followed; a regular file is replaced whole, unless it is
+    read-only: chmod -w keeps a file from being overwritten, as it does for the shell's `>`."""
+    if str(out) == "-":
+        return
+    target = Path(os.path.realpath(out))
+    if target.is_dir():
+        raise ValueError(f"{out}: is a folder; give a file name for the CSV, or - for standard output")
+    if target.exists() and not target.is_file():
+        return
+    if target.exists() and not target.stat().st_mode & 0o222:
+        raise ValueError(f"{out}: is read-only; make it writable (chmod u+w) or give another --out")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{out}: cannot make its folder {target.parent}/ ({error.strerror or error}); "
+                         "give another --out") from None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write in {target.parent}/ (permission denied); make that folder "
+                         "writable, or give another --out")
+
+
+def write_output(out: Path, text: str) -> str:
+    """Write the CSV where check_destination allowed it, as Unix tools do; returns where it went.
+    A regular file is written whole or not at all (a temporary file beside it, then one rename),
+    so a pipe, a device or standard output is the one thing written in place: renaming over
+    /dev/null would replace the system's node."""
+    if str(out) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return "standard output"
+    check_destination(out)
+    target = Path(os.path.realpath(out))
+    if target.exists() and not target.is_file():
+        with open(target, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        return str(out)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(tmp, target)
+    except OSError as error:
+        raise ValueError(f"{out}: cannot write it ({error.strerror or error}); give another --out") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         paths = images_to_classify(args.paths)
+        check_destination(args.out)
         model = Model(args.model, args.int8, args.threads)
         started = time.perf_counter()
         probs, errors = model.classify(paths, args.batch_size)
         seconds = time.perf_counter() - started
         columns, rows = prediction_rows(paths, probs, errors, model.classes, args.top_k, args.min_confidence)
-        text = csv_text(columns, rows)
-        if str(args.out) == "-":
-            sys.stdout.write(text)
-        else:  # whole or not at all: a temporary file beside it, then one rename
-            target = args.out
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+        where = write_output(args.out, csv_text(columns, rows))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     failed = sum(bool(e) for e in errors)
     unsure = sum(row["predicted"] == UNKNOWN for row in rows)
     print(f"{len(paths) - failed} images classified" + (f", {unsure} {UNKNOWN}" if args.min_confidence else "")
-          + f", {failed} unreadable, in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s); wrote "
-          + ("standard output" if str(args.out) == "-" else str(args.out)), file=sys.stderr)
+          + f", {failed} unreadable, in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s); wrote {where}",
+          file=sys.stderr)
     return 1 if failed else 0
 
 
