@@ -42,6 +42,7 @@ def output(args: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
+NUMERIC_CLASSES = ("0", "1", "10", "02")
 # The check stage always runs (it fingerprints a local data folder), so DVC calls it changed.
 UP_TO_DATE = {"check": ["always changed"]}
 
@@ -85,10 +86,13 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(PROJECT_ROOT / name, work / name)
     shutil.copytree(PROJECT_ROOT / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    for split, first, count in (("train", 0, 8), ("val", 8, 3)):
-        for i in range(first, first + count):
-            write_gradient_image(source / f"tiny_data/{split}/ants/a{i}.png", (200, 10 * i, 20))
-            write_gradient_image(source / f"tiny_data/{split}/bees/b{i}.png", (10 * i, 40, 200))
+    # Classes named by numbers, as digits' folders are: the strings "0", "1", "10" and "02" throughout
+    # (a reader that took them for numbers would make "02" the class 2, which the model does not know).
+    for split, first, count in (("train", 0, 5), ("val", 5, 3)):
+        for c, name in enumerate(NUMERIC_CLASSES):
+            for i in range(first, first + count):
+                write_gradient_image(source / f"tiny_data/{split}/{name}/{name}_{i}.png",
+                                     (200 - 60 * c, 10 * i, 20 + 60 * c))
     mirror.mkdir()
     write_random_backbone(work / "tiny_backbone.pt")
     zip_tree(source, mirror / "tiny_data.zip")
@@ -126,9 +130,9 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
                                  "evaluate", "heatmaps", "export_backbone", "export", "latency"]
     assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/index/summary.json").read_text())
-    assert summary["counts"]["test"]["total"] == 6 and summary["images"] == 22
-    assert json.loads((work / "metrics/data.json").read_text()) == {"images": 22, "classes": 2, "skipped": 0}
-    assert json.loads((work / "metrics/eval/summary.json").read_text())["images"] == 6
+    assert summary["counts"]["test"]["total"] == 12 and summary["images"] == 32
+    assert json.loads((work / "metrics/data.json").read_text()) == {"images": 32, "classes": 4, "skipped": 0}
+    assert json.loads((work / "metrics/eval/summary.json").read_text())["images"] == 12
     assert set(json.loads((work / "metrics/eval.json").read_text())) == {"accuracy", "macro_f1", "ece"}
     assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy"}
     assert set(json.loads((work / "metrics/leaks.json").read_text())) == {"near_duplicates"}
@@ -137,6 +141,83 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
     again = output(["dvc", "repro"], work, env)
     assert stages_run(again) == ["check"] and "didn't change, skipping" in again
+    classes_are_text_everywhere(work, env, work / "data/raw/tiny_data/val", 12)
+
+
+def classes_are_text_everywhere(work: Path, env: dict, images: Path, count: int) -> None:
+    """Classes named by numbers stay those strings in every table the pipeline writes and reads,
+    the shipped folder's answers and the compare command included."""
+    classes = sorted(NUMERIC_CLASSES, key=lambda name: (int(name), name))  # numerically, as class ids go: 0 1 02 10
+    assert json.loads((work / "data/classes.json").read_text()) == classes
+    tables = {"data/index.csv": ["class"], "metrics/predictions.csv": ["true", "predicted"],
+              "metrics/suspects/label_errors.csv": ["given", "true"], "metrics/eval/per_class.csv": ["class"]}
+    for name, columns in tables.items():
+        with open(work / name, newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        assert rows and all(row[column] in classes for row in rows for column in columns), name
+    shipped = run([sys.executable, "models/export/predict.py", str(images), "--out", "-"], work, env)
+    answers = list(csv.DictReader(io.StringIO(shipped.stdout)))
+    assert len(answers) == count and {row["predicted"] for row in answers} <= set(classes)
+    compared = output([sys.executable, "-m", "stages.compare", "HEAD", "workspace"], work, env)
+    assert "B - A = +0.00 points" in compared, compared
+
+
+def test_a_labels_csv_of_integer_labels_runs_every_stage(project_copy, reproduced):
+    """The same images in one folder with a labels CSV whose labels are integers (and a 02 that
+    stays "02"): the whole pipeline reruns, every class a string."""
+    work, env = project_copy
+    folder = work.parent / "flat"
+    folder.mkdir()
+    rows = ["file,label"]
+    for path in sorted((reproduced[0].parent / "source/tiny_data").rglob("*.png")):
+        name = f"{path.parent.parent.name}_{path.name}"
+        shutil.copy(path, folder / name)
+        rows.append(f"{name},{path.parent.name}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["data"]["url"] = str(folder)
+    params["index"]["labels"] = "labels.csv"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repro = output(["dvc", "repro"], work, env)
+    assert {"index", "features", "suspects", "train", "evaluate", "heatmaps", "export", "latency"} <= set(
+        stages_run(repro)), repro
+    assert json.loads((work / "metrics/data.json").read_text())["classes"] == 4
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "a labels CSV"], work, env)
+    classes_are_text_everywhere(work, env, folder, len(rows) - 1)
+
+
+def test_a_damaged_cache_heals_in_dvc_repro_and_names_each_file(project_copy):
+    """Cache entries truncated, zeroed and swapped, and the decode cache edited: `dvc repro` reruns
+    index and features (DVC sees their outputs changed), names every damaged file, and writes the
+    features of the first run, which began from an empty cache; nothing after them reruns."""
+    work, env = project_copy
+    features = {name: (work / name).read_bytes() for name in (
+        f"data/features/{split}.safetensors" for split in ("train", "val", "test"))}
+    entries = sorted((work / "data/cache/features").rglob("*.vec"))
+    truncated, zeroed, swapped_a, swapped_b = entries[1], entries[4], entries[6], entries[9]
+    for path in (truncated, zeroed, swapped_a, swapped_b):  # DVC's cache links them read-only: unlink first
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+    truncated.write_bytes(truncated.read_bytes()[:10])
+    zeroed.write_bytes(bytes(len(zeroed.read_bytes())))
+    a, b = swapped_a.read_bytes(), swapped_b.read_bytes()
+    swapped_a.write_bytes(b)
+    swapped_b.write_bytes(a)
+    decode_cache = work / "data/cache/images.json"
+    edited = json.loads(decode_cache.read_text())
+    edited["images"][next(iter(edited["images"]))][0] += 1
+    decode_cache.unlink()
+    decode_cache.write_text(json.dumps(edited))
+    repro = output(["dvc", "repro"], work, env)
+    assert stages_run(repro) == ["check", "index", "features"], repro
+    for path in (truncated, zeroed, swapped_a, swapped_b):
+        assert f"{path.relative_to(work)}: damaged cache entry (" in repro, path
+    assert "data/cache/images.json: damaged (its entries do not match their checksum): rebuilt" in repro
+    assert {name: (work / name).read_bytes() for name in features} == features
+    assert sorted((work / "data/cache/features").rglob("*.vec")) == entries
+    assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
 
 
 def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_compare(project_copy, reproduced):
@@ -156,11 +237,11 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     run(["git", "commit", "-qm", "a folder source"], work, env)
     assert stages_run(output(["dvc", "repro"], work, env)) == ["check"]
     # A photo added to the folder reruns download and everything after it.
-    write_gradient_image(folder / "tiny_data/train/ants/new.png", (120, 200, 30))
+    write_gradient_image(folder / "tiny_data/train/02/new.png", (120, 200, 30))
     assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["check", "download", "index"]
-    assert json.loads((work / "metrics/data.json").read_text())["images"] == 23
+    assert json.loads((work / "metrics/data.json").read_text())["images"] == 33
     assert all(path.stat().st_ino == inode for path, inode in inodes.items())  # kept, not copied again
-    added = work / "data/raw/tiny_data/train/ants/new.png"
+    added = work / "data/raw/tiny_data/train/02/new.png"
     assert added.stat().st_nlink == 2 and not added.stat().st_mode & 0o222  # the cache's file (cache.type hardlink)
     assert all(path.stat().st_nlink == 1 and path.stat().st_mode & 0o200 for path in photos)
     assert cache_objects_hold_their_hashes(work)
@@ -324,7 +405,7 @@ def test_push_clone_pull_then_nothing_to_reproduce(project_copy):
     clone = work.parent / "clone"
     run(["git", "clone", "-q", str(work), str(clone)], work.parent, env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/raw/tiny_data/train/ants", "models/pretrained.pt", "models/model.safetensors",
+    for path in ("data/raw/tiny_data/train/02", "models/pretrained.pt", "models/model.safetensors",
                  "data/features/test.safetensors", "data/params.ok"):
         assert (clone / path).exists(), path
     assert stages_run(output(["dvc", "repro"], clone, env)) == ["check"]
