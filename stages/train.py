@@ -71,6 +71,8 @@ def main() -> None:
                                 "temperature_fitted": trained.temperature_fitted,
                                 "network_steps": trained.run.network_steps,
                                 "step": live.summary.get("step", live.step)}
+                if trained.over_budget is not None:
+                    live.summary["time_budget_overrun_s"] = trained.over_budget
         stop_distributed(world_size)
         if rank == 0:
             write_records(trained, started)

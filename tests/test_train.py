@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -468,7 +469,66 @@ def test_steps_that_fit_count_every_validation_they_bring():
     total = steps_that_fit(100, 1.0, 5.0, 5, 10)
     validations = total // 10 + (total % 10 > 0) + 1
     assert (total - 5) + 5 * validations + TAIL_SECONDS <= 100 < (total + 1 - 5) + 5 * (validations + 1) + TAIL_SECONDS
-    assert steps_that_fit(-10, 1.0, 5.0, 5, 10) == 6  # nothing left: one more step, and its validation
+    assert steps_that_fit(-10, 1.0, 5.0, 5, 10) == 5  # nothing left: no more steps, the phase ends at its validation
+    assert steps_that_fit(12, 1.0, 5.0, 5, 10) == 5  # not even one step and its two validations
+    assert steps_that_fit(13, 1.0, 5.0, 5, 10) == 6
+    # A week at a GPU's pace (a millisecond a step): millions of steps, planned at once (by bisection)
+    total = steps_that_fit(604800, 0.001, 5.0, 6, 100)
+    validations = total // 100 + (total % 100 > 0) + 1
+    assert (total - 6) * 0.001 + 5 * validations + TAIL_SECONDS <= 604800 < (
+        (total + 1 - 6) * 0.001 + 5 * ((total + 1) // 100 + ((total + 1) % 100 > 0) + 1) + TAIL_SECONDS)
+
+
+class SteadyClock:
+    """The training module's clock, advancing 20 ms each time it is read: a steady machine, so
+    that neither this machine's speed nor a neighbour's load decides the plan (bench.budget
+    measures real runs)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.02
+        return self.now
+
+
+def summary_of(root) -> dict:
+    return json.loads((root / "metrics/train/metrics.json").read_text())
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])  # the pace timed within the first epoch, or over two
+def test_a_budget_too_small_to_plan_in_stops_at_the_first_validated_epoch_and_says_so(
+        tiny_project, monkeypatch, caplog, batch_size):
+    from stages.lib import training
+
+    root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 3, "time_budget": 1,
+                                                    "batch_size": batch_size, "workers": 0})
+    monkeypatch.setattr(training, "time", SteadyClock())
+    with caplog.at_level("INFO"):
+        train.main()
+    validations = len((root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()) - 1
+    summary = summary_of(root)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "time_budget" in r.getMessage()]
+    assert validations == 1 and 1 <= summary["network_steps"] <= 1 + training.PACE_STEPS, summary
+    assert len(said) == 1 and re.fullmatch(
+        r"train\.time_budget: 1 s cannot hold the network's first 6 timed steps and a validation \([\d.]+ s left, "
+        r"[\d.]+ s needed\): stopping (after the epoch just validated|at this epoch's validation)", said[0]), said
+    assert "s left at" not in caplog.text  # no plan of negative seconds
+    assert summary["time_budget_overrun_s"] >= 0  # recorded (this clock stops when training does: 0 here)
+
+
+def test_a_head_phase_that_spends_the_budget_is_the_model(tiny_project, monkeypatch, caplog):
+    from stages.lib import training
+
+    root = tiny_project(strategy="finetune", train={"head_epochs": 30, "epochs": 3, "time_budget": 0.5,
+                                                    "workers": 0})
+    monkeypatch.setattr(training, "time", SteadyClock())
+    with caplog.at_level("INFO"):
+        train.main()
+    summary = summary_of(root)
+    assert summary["network_steps"] == 0 and summary["best_epoch"] <= 30 and summary["time_budget_overrun_s"] > 0
+    assert "spent by the head phase" in caplog.text and "the network phase is skipped" in caplog.text
+    assert f"the stage ran {summary['time_budget_overrun_s']:.1f} s over its 0.5 s" in caplog.text
 
 
 @pytest.mark.slow  # runs for its budget
@@ -484,18 +544,6 @@ def test_a_budgeted_run_ends_within_its_budget_its_learning_rate_at_zero(tiny_pr
 
     monkeypatch.setattr(training.Optimization, "step", recording)
 
-    class SteadyClock:
-        """The training module's clock, advancing 20 ms each time it is read: a steady machine, so
-        that neither this machine's speed nor a neighbour's load decides the plan (bench.budget
-        measures real runs)."""
-
-        def __init__(self):
-            self.now = 0.0
-
-        def perf_counter(self) -> float:
-            self.now += 0.02
-            return self.now
-
     budget = 15.0
     root = tiny_project(strategy="finetune", train={"head_epochs": 0, "epochs": 1, "time_budget": budget,
                                                     "batch_size": 2, "workers": 0})
@@ -504,7 +552,8 @@ def test_a_budgeted_run_ends_within_its_budget_its_learning_rate_at_zero(tiny_pr
     started = clock.now
     train.main()
     seconds = clock.now - started
-    summary = json.loads((root / "metrics/train/metrics.json").read_text())
+    assert summary_of(root)["time_budget_overrun_s"] == 0
+    summary = summary_of(root)
     timing = json.loads((root / "metrics/train/time.json").read_text())
     validations = len((root / "metrics/train/plots/metrics/val/acc.tsv").read_text().strip().splitlines()) - 1
     assert summary["network_steps"] == len(lrs) > training.PACE_STEPS

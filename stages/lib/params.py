@@ -52,6 +52,7 @@ def not_blank(value: str) -> str:
 Number = Annotated[float, BeforeValidator(not_a_bool)]
 Text = Annotated[str, AfterValidator(not_blank)]
 PositiveFloat = Annotated[Number, Field(gt=0)]
+WEEK_SECONDS = 7 * 24 * 3600
 Fraction = Annotated[Number, Field(gt=0, lt=1)]
 UnitInterval = Annotated[Number, Field(gt=0, le=1)]
 
@@ -156,7 +157,8 @@ class TrainParams(Strict):
     image_size: Annotated[StrictInt, Field(ge=32)] | None
     eval_size: Annotated[StrictInt, Field(ge=32)] | None
     patience: Annotated[StrictInt, Field(ge=0)]
-    time_budget: PositiveFloat | None
+    # A week at most: a budget is a wall-clock plan, and a typo such as 1e9 (31 years) is one
+    time_budget: Annotated[Number, Field(gt=0, le=WEEK_SECONDS)] | None
     head_search: StrictBool
     seed: StrictInt
     workers: Annotated[StrictInt, Field(ge=0)]

@@ -368,7 +368,7 @@ def fit_network(model: Classifier, run: Run, prep: Preprocessing, plan: Plan, fi
     if settings.time_budget is not None:
         budget = Budget(run, opt.scheduler.lr_lambdas[0], len(train_loader), validation_seconds(model, val_loader, run))
     i = first
-    while (i < settings.epochs) if budget is None else not budget.spent():
+    while (i < settings.epochs) if budget is None else budget.another_epoch(validated=i > first):
         sampler.set_epoch(i)
         runner.train()
         keep_batchnorm_statistics(model.backbone, frozen_only=not settings.freeze_bn)
@@ -415,14 +415,21 @@ def validation_seconds(model: nn.Module, val_loader, run: Run) -> float:
 def steps_that_fit(seconds_left: float, pace: float, validation: float, done: int, steps_per_epoch: int) -> int:
     """The most steps, counted from the phase's start, whose training (`pace` seconds each, from
     `done` on) and validations (one at each epoch end reached, one at the last step; then one
-    more, for the temperature) end within `seconds_left`; at least one more than `done`."""
-    total = done + max(1, int(seconds_left / pace))
-    while total > done + 1:
+    more, for the temperature) end within `seconds_left`; `done` when not even one more step and
+    its validation do. Found by bisection: the time grows with the steps, and a week's budget at a
+    GPU's pace is millions of them."""
+    def fits(total: int) -> bool:
         validations = total // steps_per_epoch - done // steps_per_epoch + (total % steps_per_epoch > 0) + 1
-        if (total - done) * pace + validations * validation + TAIL_SECONDS <= seconds_left:
-            break
-        total -= 1
-    return total
+        return (total - done) * pace + validations * validation + TAIL_SECONDS <= seconds_left
+
+    low, high = done, done + max(0, int(seconds_left / pace))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass
@@ -440,17 +447,49 @@ class Budget:
     taken: int = 0  # steps by this process (run.network_steps counts those of a resumed run's before too)
     timed_from: float = 0.0
     last_step: float | None = None  # when this process's last step ended
+    began: float = 0.0  # when this process's first step began
     epoch_ends: list[float] = field(default_factory=list)  # seconds from an epoch's last step to the next's first batch
     planned_at_ends: int = -1  # len(epoch_ends) when last planned; -1: not re-planned since the warm-up
 
     def spent(self) -> bool:
         return self.run.network_steps >= self.schedule.total
 
+    def another_epoch(self, validated: bool) -> bool:
+        """Whether the network phase goes on: not once the planned steps are taken, nor, before
+        the plan, after a validated epoch when what is left of the budget cannot hold the rest of
+        the timed steps and what the plan would add to them (at the pace so far, its epoch ends
+        included)."""
+        if self.spent():
+            return False
+        if validated and not self.schedule.planned:
+            # as the plan counts: the steps still to time and one more, its validations and the tail
+            pace = (time.perf_counter() - self.began) / self.taken
+            left, needed = (v / self.run.world_size for v in sum_over_processes(
+                self.seconds_left(), (max(0, 1 + PACE_STEPS - self.taken) + 1) * pace + 2 * self.validation
+                + TAIL_SECONDS))
+            if left < needed:
+                self.too_small(left, needed, "stopping after the epoch just validated")
+                return False
+        return True
+
+    def too_small(self, left: float, needed: float, stop: str) -> None:
+        log.warning("train.time_budget: %g s cannot hold the network's first %d timed steps and a validation (%.1f s "
+                    "left, %.1f s needed): %s", self.budget, 1 + PACE_STEPS, max(0.0, left), needed, stop)
+
+    @property
+    def budget(self) -> float:
+        return self.run.params.train.time_budget
+
+    def seconds_left(self) -> float:
+        return self.budget - (time.perf_counter() - self.run.started)
+
     def batches(self, loader):
         """The loader's batches until the planned steps are taken."""
         for index, batch in enumerate(loader):
             if index == 0 and self.last_step is not None:
                 self.epoch_ends.append(time.perf_counter() - self.last_step)
+            if self.taken == 0:
+                self.began = time.perf_counter()
             if self.spent():
                 return
             yield batch
@@ -478,17 +517,19 @@ class Budget:
         validation = ends / len(self.epoch_ends) if self.epoch_ends else self.validation
         world = self.run.world_size
         pace, left, validation = (v / world for v in sum_over_processes(
-            (now - self.timed_from - ends) / (self.taken - 1),
-            self.run.params.train.time_budget - (now - self.run.started), validation))
+            (now - self.timed_from - ends) / (self.taken - 1), self.budget - (now - self.run.started), validation))
         done = self.run.network_steps
         planned = steps_that_fit(left, pace, validation, done, self.steps_per_epoch)
+        if planned == done and not self.schedule.planned:
+            self.too_small(left, pace + 2 * validation + TAIL_SECONDS, "stopping at this epoch's validation")
         if self.schedule.planned:
             self.schedule.replan(planned, done)
             self.planned_at_ends = len(self.epoch_ends)
         else:
             self.schedule.plan(planned)
-        log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s an epoch end: %d more steps, the "
-                 "learning rate falling to zero at the last", left, pace, validation, planned - done)
+        if planned > done:
+            log.info("train.time_budget: %.0f s left at %.2f s a step and %.1f s an epoch end: %d more steps, the "
+                     "learning rate falling to zero at the last", left, pace, validation, planned - done)
 
 
 # --- the phases, with their records ----------------------------------------------------------
@@ -574,8 +615,16 @@ def head_phase(model: ModelParts, records: Records, run: Run, pretrained_sha256:
 
 def network_phase(model: ModelParts, records: Records, run: Run, prep: Preprocessing, plan: Plan,
                   resumed: dict | None) -> None:
-    """Every layer on the images, from the warm head, the pretrained backbone or random weights."""
+    """Every layer on the images, from the warm head, the pretrained backbone or random weights.
+    Skipped when the head phase already spent train.time_budget: the head's model is the run's."""
     params = run.params
+    budget = params.train.time_budget
+    if plan.head_first and budget is not None:
+        spent = sum_over_processes(time.perf_counter() - run.started)[0] / run.world_size  # all processes agree
+        if spent >= budget:
+            log.warning("train.time_budget: %g s spent by the head phase (%.0f s): the network phase is skipped, "
+                        "the head's model is the run's", budget, spent)
+            return
     # Called here, not at the start: it takes 2 s, and the head phase needs none of it.
     torch.use_deterministic_algorithms(True, warn_only=True)
     if resumed is not None and resumed["network"] is None:
@@ -628,6 +677,7 @@ class Trained:
     trials: list[Trial]  # the head settings tried
     checkpoint: Checkpoint  # the best epoch, its temperature fitted: what models/model.safetensors holds
     temperature_fitted: bool  # False: too few val images, the temperature stayed 1
+    over_budget: float | None  # seconds past train.time_budget when the model was written (None: no budget)
 
 
 # Fitted on 30 val images, a temperature lowered the NLL of the other val images in 78% to 95% of
@@ -687,4 +737,8 @@ def train_and_calibrate(params: Params, device: torch.device, live=None, rank: i
     checkpoint, fitted = with_fitted_temperature(records.best_checkpoint, params)
     if records.writes:
         save_checkpoint(MODEL, checkpoint)
-    return Trained(records, run, trials, checkpoint, fitted)
+    budget = params.train.time_budget
+    over = None if budget is None else round(max(0.0, time.perf_counter() - run.started - budget), 1)
+    if over:
+        log.warning("train.time_budget: the stage ran %.1f s over its %g s", over, budget)
+    return Trained(records, run, trials, checkpoint, fitted, over)
