@@ -44,7 +44,7 @@ def heads(train: dict, val: dict, merged: dict, params: Params, classes: int, on
     digest = hashlib.md5()
     with mock.patch.object(training, "one_torch_thread", context):
         started = time.perf_counter()
-        digest.update(out_of_fold_probabilities(merged, params, params.suspects.folds, classes).tobytes())
+        digest.update(out_of_fold_probabilities(merged, params, params.suspects.folds, classes)[0].tobytes())
         suspects = time.perf_counter() - started
         torch.manual_seed(params.train.seed)
         head = make_head(train["features"].shape[-1], classes, **head_config(params.model))

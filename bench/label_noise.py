@@ -80,7 +80,7 @@ def measure(archive: str, shares: list[float]) -> list[dict]:
     for share in shares:
         noisy, flipped = flipped_labels(split["labels"], train, share, classes)
         data = {**split, "labels": noisy}
-        probs = out_of_fold_probabilities(data, params, params.suspects.folds, classes)
+        probs, _ = out_of_fold_probabilities(data, params, params.suspects.folds, classes)
         found, _ = label_suspects(probs, noisy, classes)
         errors = estimated_label_errors(probs, noisy, classes)
         by_loss = np.argsort(-in_sample_losses(data, train, params, classes), kind="stable")

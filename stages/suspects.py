@@ -64,13 +64,23 @@ def pairs_table(errors: np.ndarray, classes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("estimated_wrong_labels", ascending=False, kind="stable")
 
 
+def warn_of_small_classes(labels: np.ndarray, classes: list[str], folds: int) -> None:
+    """A class with fewer images than folds is held out in fewer folds than the others: its
+    out-of-fold scores rest on heads that saw one image of it fewer, which matters on a class that small."""
+    counts = np.bincount(labels, minlength=len(classes))
+    small = [f"{classes[c]} ({counts[c]})" for c in np.flatnonzero(counts < folds)]
+    if small:
+        log.warning("suspects.folds %d: %d classes have fewer train + val images than folds: %s%s; their suspects "
+                    "rest on few images", folds, len(small), ", ".join(small[:5]), ", ..." if len(small) > 5 else "")
+
+
 def main() -> None:
     params = load_params()
     classes = read_classes()
     split, paths, splits = train_and_val()
-    folds = params.suspects.folds
-    probs = out_of_fold_probabilities(split, params, folds, len(classes))
     labels = split["labels"]
+    warn_of_small_classes(labels, classes, params.suspects.folds)
+    probs, folds = out_of_fold_probabilities(split, params, params.suspects.folds, len(classes))
     errors = estimated_label_errors(probs, labels, len(classes))
     wrong = float(errors.sum() - np.trace(errors))
     table = suspects_table(probs, labels, paths, splits, classes)

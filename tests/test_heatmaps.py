@@ -136,3 +136,22 @@ def test_heatmaps_show_evaluate_pictures_on_the_model_as_evaluated(trained_copy)
 def test_heatmaps_before_evaluate_say_what_to_do(trained_copy):
     with pytest.raises(UserError, match="metrics/predictions.csv: not found; run the evaluate stage"):
         heatmaps.main()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 8])
+def test_a_grid_heading_stays_whole_inside_the_picture(tmp_path, monkeypatch, count):
+    from stages.lib import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path, tight=True: drawn.append(figure))
+    heading = "misclassified (most confident first): evidence for the predicted class (grad-cam, red = most)"
+    pixels = np.zeros((60, 80, 3), dtype=np.uint8)
+    plots.save_image_grid([pixels] * count, ["a\nb"] * count, ["black"] * count, tmp_path / "grid.png", heading)
+    figure = drawn[0]
+    renderer = figure.canvas.get_renderer()
+    box, frame = figure._suptitle.get_window_extent(renderer), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, (box, frame)
+    assert figure._suptitle.get_text().replace("\n", " ") == heading
+    # and above the first row's titles
+    titles = [text.get_window_extent(renderer) for text in figure.texts if text.get_text() == "a\nb"]
+    assert all(title.y1 < box.y0 for title in titles)

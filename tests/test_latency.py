@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,11 +22,38 @@ def test_every_shipped_engine_is_timed(trained_copy, caplog, int8):
         latency.main()
     speed = json.loads((root / "metrics/latency.json").read_text())
     engines = ["torch_fp32", "onnx_fp32"] + (["onnx_int8"] if int8 else [])
-    assert set(speed) == {"threads", "input_size"} | {f"{engine}_{what}" for engine in engines for what in (
-        "latency_ms_median", "latency_ms_p90", "images_per_s_batch32")}
+    assert set(speed) == {"threads", "input_size", "other_threads_running", "machine_busy"} | {
+        f"{engine}_{what}" for engine in engines for what in ("latency_ms_median", "latency_ms_p90",
+                                                              "images_per_s_batch32")}
+    assert speed["other_threads_running"] >= 0 and isinstance(speed["machine_busy"], bool)
     assert speed["threads"] >= 1 and speed["input_size"] == json.loads(
         (root / "models/export/model.json").read_text())["input_size"]
     for engine in engines:
         assert 0 < speed[f"{engine}_latency_ms_median"] <= speed[f"{engine}_latency_ms_p90"]
         assert speed[f"{engine}_images_per_s_batch32"] > 0
         assert f"{engine} " in caplog.text
+
+
+def test_a_measurement_on_a_busy_machine_is_flagged_not_published_as_the_models(trained_copy, caplog, monkeypatch):
+    from stages.lib import latency as lib
+
+    root = trained_copy
+    set_params(root, int8=False)
+    set_params(root, "latency", runs=3)
+    export_backbone.main()
+    export.main()
+    cores = os.cpu_count()
+    reads = iter([0.0, float(cores)])  # idle before, as many other threads as cores after
+    monkeypatch.setattr(latency, "other_running_threads", lambda: next(reads))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with caplog.at_level("INFO"):
+        latency.main()
+    speed = json.loads((root / "metrics/latency.json").read_text())
+    assert speed["threads"] == 1 and speed["machine_busy"] is True and speed["other_threads_running"] == cores
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"metrics/latency.json: not the model's latency: {cores:g} other threads were running beside "
+                    f"its 1 on {cores} cores; rerun on an idle machine (dvc repro -f latency)"], said
+    assert "median, 1 threads from OMP_NUM_THREADS" in caplog.text
+    # The kernel's count, read for real: this process's own reading thread is not counted
+    assert lib.other_running_threads(reads=3, interval=0.0) >= 0
+    assert not lib.busy(0.0, cores) and lib.busy(1.0, cores) and not lib.busy(None, 64)

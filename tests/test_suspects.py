@@ -77,3 +77,32 @@ def test_the_stage_puts_flipped_labels_first(tiny_project):
     pairs = pd.read_csv(root / "metrics/suspects/label_errors.csv")
     assert len(pairs) == len(classes) * (len(classes) - 1)
     assert (root / "metrics/suspects/suspects.png").stat().st_size > 0
+
+
+def test_more_folds_than_images_train_and_log_only_the_folds_used(tiny_project, caplog, monkeypatch):
+    import logging
+
+    from stages.lib import folds
+
+    root = tiny_project(strategy="frozen", suspects={"folds": 100}, train={"head_epochs": 2})
+    images = sum(len(read_features(split, in_memory=True)["labels"]) for split in ("train", "val"))
+    per_class = np.bincount(np.concatenate([read_features(s, in_memory=True)["labels"] for s in ("train", "val")]))
+    classes = json.loads((root / "data/classes.json").read_text())
+    trained = []
+    real = folds.fit_head
+
+    def counting(head, *args):
+        trained.append(1)
+        return real(head, *args)
+
+    monkeypatch.setattr(folds, "fit_head", counting)
+    with caplog.at_level(logging.INFO):
+        suspects.main()
+    assert len(trained) < 100 and len(trained) <= images
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"{len(trained)}-fold heads on the pretrained backbone's cached features (train + val, "
+                               f"{images} images") for line in said), said
+    warned = [line for line in said if line.startswith("suspects.folds 100:")]
+    assert warned == [f"suspects.folds 100: {len(classes)} classes have fewer train + val images than folds: "
+                      + ", ".join(f"{name} ({count})" for name, count in zip(classes, per_class))
+                      + "; their suspects rest on few images"], said

@@ -27,10 +27,11 @@ def subset(split: dict, keep: np.ndarray) -> dict:
     return {**split, "features": split["features"][keep], "labels": split["labels"][keep]}
 
 
-def out_of_fold_probabilities(split: dict, params: Params, folds: int, classes: int) -> np.ndarray:
+def out_of_fold_probabilities(split: dict, params: Params, folds: int, classes: int) -> tuple[np.ndarray, int]:
     """Class probabilities of every image in `split` (cached features: features [images, views,
     width], labels, views) from a head trained with the run's head settings on the other folds,
-    for all the head phase's epochs (no epoch is picked on the held-out fold: that would fit it)."""
+    for all the head phase's epochs (no epoch is picked on the held-out fold: that would fit it).
+    Also the folds that held images (fewer than `folds` when there are fewer images): the heads trained."""
     fold = stratified_folds(split["labels"], folds, params.train.seed)
     probs = np.zeros((len(split["labels"]), classes), dtype=np.float64)
     width = split["features"].shape[-1]
@@ -44,4 +45,4 @@ def out_of_fold_probabilities(split: dict, params: Params, folds: int, classes: 
         for _ in fit_head(head, rest, held, run, 1):
             pass
         probs[fold == k] = feature_probabilities(head_layers(head.state_dict()), held, params.model.tta)
-    return probs
+    return probs, len(np.unique(fold))

@@ -4,13 +4,40 @@ compare engines on one machine, not machines."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 WARMUP_RUNS = 3
 THROUGHPUT_BATCH, THROUGHPUT_RUNS = 32, 2
+
+
+def other_running_threads(reads: int = 10, interval: float = 0.02) -> float | None:
+    """Threads of other processes running or ready to run: the median of a few reads of the
+    kernel's count (/proc/stat's procs_running, less the reading thread). None where it is not
+    known. Unlike the load average, it is now's count, not the last minute's."""
+    counts = []
+    for _ in range(reads):
+        try:
+            found = re.search(r"^procs_running (\d+)$", Path("/proc/stat").read_text(), re.MULTILINE)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        counts.append(int(found.group(1)) - 1)
+        time.sleep(interval)
+    return float(np.median(counts))
+
+
+def busy(others: float | None, threads: int) -> bool:
+    """Whether timing `threads` threads now measures the machine's load rather than the model: the
+    other threads and these outnumber the cores, so some wait for a core (OpenMP's threads spin
+    while they wait: a batch-1 latency of 26 ms on an idle core was 1.4 s on a loaded machine)."""
+    return others is not None and others + threads > (os.cpu_count() or 1)
 
 
 def engine_speed(name: str, run: Callable[[np.ndarray], object], size: int, runs: int) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -76,7 +77,10 @@ def save_image_grid(images: Sequence[Path | np.ndarray], titles: Sequence[str], 
     count = max(1, len(images))
     columns = min(4, count)
     rows = math.ceil(count / columns)
-    cell_w, cell_h, header = 260, 256, 50  # pixels at the figure's 100 dpi
+    cell_w, cell_h = 260, 256  # pixels at the figure's 100 dpi
+    # the heading in lines that fit the grid's width (under 10 px a character at its 12 points)
+    heading = "\n".join(textwrap.wrap(heading, (cell_w * columns - 20) // 10, break_on_hyphens=False))
+    header = 32 + 18 * (heading.count("\n") + 1)
     width, height = cell_w * columns, cell_h * rows + header
     figure = plt.figure(figsize=(width / 100, height / 100), dpi=100)
     for i, (image, title, color) in enumerate(zip(images, titles, colors)):
