@@ -567,8 +567,26 @@ def test_a_rerun_decodes_only_new_contents_and_indexes_as_a_fresh_run(project, m
     assert len(decoded) == 27
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not json", "a list", "an entry edited", "an entry added"])
-def test_a_damaged_decode_cache_is_named_and_rebuilt(project, monkeypatch, caplog, damage):
+DAMAGES = ("truncated", "not json", "a list", "an entry edited", "an entry added")
+
+
+def damaged(text: str, damage: str) -> str:
+    cache = json.loads(text)
+    first = next(iter(cache["images"]))
+    if damage == "truncated":
+        return text[:40]
+    if damage == "not json":
+        return "\x00" * 64
+    if damage == "a list":
+        return "[1, 2]"
+    if damage == "an entry edited":  # a plausible width, by hand
+        cache["images"][first][0] += 1
+    else:
+        cache["images"]["0" * 64] = [10, 10, ""]
+    return json.dumps(cache)
+
+
+def test_a_damaged_decode_cache_is_named_and_rebuilt(project, monkeypatch, caplog):
     import stages.lib.images as images
 
     root = project()
@@ -577,27 +595,17 @@ def test_a_damaged_decode_cache_is_named_and_rebuilt(project, monkeypatch, caplo
     fresh = (root / "data/index.csv").read_bytes()
     path = root / "data/cache/images.json"
     text = path.read_text()
-    cache = json.loads(text)
-    first = next(iter(cache["images"]))
-    if damage == "truncated":
-        path.write_text(text[:40])
-    elif damage == "not json":
-        path.write_bytes(b"\x00" * 64)
-    elif damage == "a list":
-        path.write_text("[1, 2]")
-    elif damage == "an entry edited":  # a plausible width, by hand
-        cache["images"][first][0] += 1
-        path.write_text(json.dumps(cache))
-    else:
-        cache["images"]["0" * 64] = [10, 10, ""]
-        path.write_text(json.dumps(cache))
     decoded = []
     real = images.upright_rgb
     monkeypatch.setattr(images, "upright_rgb", lambda image: decoded.append(1) or real(image))
-    with caplog.at_level("WARNING"):
-        index.main()
-    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(said) == 1 and said[0].startswith("data/cache/images.json: damaged (") and said[0].endswith(
-        "): rebuilt, every image decoded again"), said
-    assert len(decoded) == 12 and (root / "data/index.csv").read_bytes() == fresh
-    assert path.read_text() == text  # rebuilt as the first run wrote it
+    for damage in DAMAGES:
+        path.write_text(damaged(text, damage))
+        decoded.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            index.main()
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(said) == 1 and said[0].startswith("data/cache/images.json: damaged (") and said[0].endswith(
+            "): rebuilt, every image decoded again"), (damage, said)
+        assert len(decoded) == 12 and (root / "data/index.csv").read_bytes() == fresh, damage
+        assert path.read_text() == text, damage  # rebuilt as the first run wrote it

@@ -34,6 +34,7 @@ def test_every_shipped_engine_is_timed(trained_copy, caplog, int8):
         assert f"{engine} " in caplog.text
 
 
+@pytest.mark.slow  # the export stages, then latency
 def test_a_measurement_on_a_busy_machine_is_flagged_not_published_as_the_models(trained_copy, caplog, monkeypatch):
     from stages.lib import latency as lib
 
