@@ -6,7 +6,7 @@ engine's speed, in one run on one machine.
 Run it in a throwaway clone (git clone, link .venv); the archives are ../shared/datasets/*.zip.
 For each archive and backbone, one `dvc exp run` to the latency stage with strategy frozen (the
 head on the pretrained backbone: INT8's behaviour is the backbone's, and frozen keeps the bench
-short; a fine-tuned model goes through the same export), then metrics/export.json and
+short; a fine-tuned model goes through the same export), then metrics/export/summary.json and
 metrics/latency.json are read. Writes bench/results/export.md and docs/model.md's `export`
 block, and restores the clone's params, lock file and outputs afterwards.
 """
@@ -27,8 +27,9 @@ ENGINES = ("torch_fp32", "onnx_fp32", "onnx_int8")
 
 
 def measured(archive: str, backbone: str) -> dict:
-    run_on_archive(SHARED / f"{archive}.zip", ["strategy=frozen", f"model.backbone={backbone}"], ["latency"])
-    export = json.loads(Path("metrics/export.json").read_text())
+    run_on_archive(SHARED / f"{archive}.zip", ["strategy=frozen", f"model.backbone={backbone}"],
+                   ["release/dvc.yaml:latency"])
+    export = json.loads(Path("metrics/export/summary.json").read_text())
     speed = json.loads(Path("metrics/latency.json").read_text())
     row = {"archive": archive, "backbone": backbone, **export, **speed}
     print(json.dumps(row), flush=True)

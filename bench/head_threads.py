@@ -44,13 +44,13 @@ def heads(train: dict, val: dict, merged: dict, params: Params, classes: int, on
     digest = hashlib.md5()
     with mock.patch.object(training, "one_torch_thread", context):
         started = time.perf_counter()
-        digest.update(out_of_fold_probabilities(merged, params, params.suspects.folds, classes)[0].tobytes())
+        digest.update(out_of_fold_probabilities(merged, params, classes)[0].tobytes())
         suspects = time.perf_counter() - started
         torch.manual_seed(params.train.seed)
         head = make_head(train["features"].shape[-1], classes, **head_config(params.model))
         run = training.make_run(params, torch.device("cpu"), torch.from_numpy(train["labels"]), classes)
         started = time.perf_counter()
-        for _ in training.fit_head(head, train, val, run, 1):
+        for _ in training.fit_head(head, train, val, run, 1, training.head_settings(params)):
             pass
         train_head = time.perf_counter() - started
     for tensor in head.state_dict().values():

@@ -37,7 +37,7 @@ from stages.lib.head import feature_probabilities, head_layers
 from stages.lib.index_table import read_classes
 from stages.lib.params import load_params
 from stages.lib.suspects import estimated_label_errors, label_suspects
-from stages.lib.training import fit_head, make_run
+from stages.lib.training import fit_head, head_settings, make_run
 from stages.suspects import train_and_val
 
 RESULTS = Path("bench/results/label_noise.md")
@@ -59,7 +59,7 @@ def in_sample_losses(split: dict, train: int, params, classes: int) -> np.ndarra
     torch.manual_seed(params.train.seed)
     head = make_head(split["features"].shape[-1], classes, **head_config(params.model))
     run = make_run(params, torch.device("cpu"), torch.from_numpy(rest["labels"]), classes)
-    for _ in fit_head(head, rest, split, run, 1):
+    for _ in fit_head(head, rest, split, run, 1, head_settings(params)):
         pass
     probs = feature_probabilities(head_layers(head.state_dict()), split, params.model.tta)
     return -np.log(np.maximum(probs[np.arange(len(probs)), split["labels"]], 1e-12))
@@ -80,7 +80,7 @@ def measure(archive: str, shares: list[float]) -> list[dict]:
     for share in shares:
         noisy, flipped = flipped_labels(split["labels"], train, share, classes)
         data = {**split, "labels": noisy}
-        probs, _ = out_of_fold_probabilities(data, params, params.suspects.folds, classes)
+        probs, _ = out_of_fold_probabilities(data, params, classes)
         found, _ = label_suspects(probs, noisy, classes)
         errors = estimated_label_errors(probs, noisy, classes)
         by_loss = np.argsort(-in_sample_losses(data, train, params, classes), kind="stable")

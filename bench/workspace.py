@@ -38,5 +38,6 @@ def restored_workspace() -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"], check=True)
+        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "release/dvc.lock", "audit/dvc.lock",
+                        "metrics"], check=True)
         subprocess.run(["dvc", "checkout", "--force", "--quiet"], check=False)

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: the best checkpoint on the test split, the only place the test split is read.
+"""Stage `evaluate`: the best checkpoint on the test split, which no stage of the experiment loop
+before it reads (the audit's heatmaps draw evaluate's test predictions, after the model is chosen).
 
 A model whose backbone is still exactly the pretrained one (strategy frozen, or a finetune run
 whose best epoch was a head epoch) is scored on the cached test features: the features stage
@@ -14,15 +15,15 @@ every prediction with its class probabilities (metrics/predictions.csv); per-cla
 AUC and average precision, the most confused class pairs and the reliability bins
 (metrics/eval/*.csv, DVC plots); and pictures: the confusion matrix, ROC and precision-recall
 curves, the reliability diagram, a grid of test images titled predicted vs true, and a gallery of
-the misclassified ones. Last, the label suspects: the train and val images the final model disagrees
-with most (top_losses.csv and a gallery), so a user can fix their labels.
+the misclassified ones. The images whose labels are probably wrong are the audit's (the suspects
+stage, audit/dvc.yaml): out-of-fold, unlike this model's in-sample losses, which miss the
+mislabelled images it memorised.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
 
 from stages.lib.calibration import brier_score, calibrate, expected_calibration_error, reliability_table
@@ -38,7 +39,6 @@ from stages.lib.metrics import (
     predictions_table,
     score_predictions,
     shown_predictions,
-    top_losses,
 )
 from stages.lib.params import load_params
 from stages.lib.paths import (
@@ -56,8 +56,6 @@ from stages.lib.paths import (
     RAW_DIR,
     RELIABILITY_CSV,
     RELIABILITY_PNG,
-    TOP_LOSSES_CSV,
-    TOP_LOSSES_PNG,
 )
 from stages.lib.plots import (
     prediction_titles,
@@ -78,30 +76,6 @@ def save_pictures(table: pd.DataFrame, grid_images: int) -> None:
                                 (wrong, MISCLASSIFIED_PNG,
                                  f"misclassified: {misclassified} of {len(table)} (most confident first)")):
         save_image_grid([RAW_DIR / p for p in rows["path"]], *prediction_titles(rows), path, heading)
-
-
-SUSPECTS = 100  # rows of top_losses.csv
-
-
-def label_suspects(checkpoint, params) -> pd.DataFrame:
-    """The train and val images the final model disagrees with most, for a person to check."""
-    scored = []
-    for split in ("train", "val"):
-        rows = read_split(split)
-        raw, _ = split_probabilities(checkpoint, split, rows, params.batch_size, params.workers)
-        scored.append((rows, calibrate(raw, checkpoint.temperature)))
-    rows = pd.concat([r for r, _ in scored], ignore_index=True)
-    return top_losses(rows, np.concatenate([p for _, p in scored]), checkpoint.classes, SUSPECTS)
-
-
-def save_suspects(table: pd.DataFrame, count: int) -> None:
-    shown = table.head(count)
-    save_image_grid([RAW_DIR / p for p in shown["path"]],
-                    [f"{s}: given {g} ({q:.2f})\npredicted {p} ({r:.2f})" for s, g, q, p, r in
-                     zip(shown["split"], shown["given"], shown["probability_given"], shown["predicted"],
-                         shown["probability_predicted"])],
-                    ["tab:red" if g != p else "tab:orange" for g, p in zip(shown["given"], shown["predicted"])],
-                    TOP_LOSSES_PNG, "train and val images with the highest loss: check their labels")
 
 
 HEADLINE = ("accuracy", "macro_f1", "ece")  # metrics/eval.json: what experiments are compared by
@@ -153,9 +127,6 @@ def main() -> None:
     save_reliability_diagram(series, RELIABILITY_PNG)
     save_class_curves(class_curves(probs, y_true), checkpoint.classes, CLASS_CURVES_PNG)
     save_pictures(table, params.grid_images)
-    suspects = label_suspects(checkpoint, params)
-    write_csv_atomic(TOP_LOSSES_CSV, suspects)
-    save_suspects(suspects, params.grid_images)
     save_confusion_matrix(confusion_counts(y_true, y_pred, len(checkpoint.classes)), checkpoint.classes, CONFUSION_PNG)
     log.info("test: accuracy %.4f (95%% CI %.4f-%.4f, %d bootstrap resamples), macro-F1 %.4f, loss %.4f, ECE %.4f "
              "(%.4f before temperature %g) on %d images (model from epoch %d)", metrics["accuracy"],

@@ -12,8 +12,10 @@ Writes models/export/ with
 - model.int8.onnx (export.int8): the backbone quantised to INT8 (lib/quantize.py) joined with the
                head in float, shipped only if its test accuracy is within export.int8_tolerance of
                fp32's; model.json's `int8` says what was measured and why it shipped or not.
-And metrics/export.json: fp32 and INT8 test accuracy, macro-F1 and agreement: the head on each
-exported backbone's outputs (ONNX Runtime) for the test images. Those outputs are kept per image
+And metrics/export/summary.json: fp32 and INT8 test accuracy, macro-F1 and agreement (the head on
+each exported backbone's outputs, ONNX Runtime, for the test images) and the model's md5; the
+headline metrics/export.json, whether INT8 shipped and that md5's start: the export runs on
+request (release/dvc.yaml), so its figures name the model they describe. Those outputs are kept per image
 in data/cache/export/ (a `persist: true` output; lib/feature_cache.py): a new head on the same
 backbone, or a few new images, costs the backbones' passes over what is new only. INT8 is
 calibrated on the training images with the smallest content hashes, a sample that adding a few
@@ -49,13 +51,21 @@ from stages.lib.export import (
 )
 from stages.lib.export_folder import write_predictor
 from stages.lib.feature_cache import entry_paths, filled, onnx_setting_key, prune, short_hash
-from stages.lib.files import atomic_dir, atomic_path, write_json_atomic
+from stages.lib.files import atomic_dir, atomic_path, file_sha256, short_md5, write_json_atomic
 from stages.lib.head import feature_probabilities
 from stages.lib.images import load_image
 from stages.lib.index_table import read_split
 from stages.lib.metrics import macro_f1
 from stages.lib.params import ExportParams, load_params
-from stages.lib.paths import BACKBONE_EXPORT_DIR, EXPORT_CACHE, EXPORT_DIR, EXPORT_METRICS, MODEL, RAW_DIR
+from stages.lib.paths import (
+    BACKBONE_EXPORT_DIR,
+    EXPORT_CACHE,
+    EXPORT_DIR,
+    EXPORT_METRICS,
+    EXPORT_SUMMARY,
+    MODEL,
+    RAW_DIR,
+)
 from stages.lib.quantize import has_vnni, int8_verdict, quantize_int8
 from stages.lib.serve import INT8_ONNX, cpu_session, prepare
 
@@ -176,7 +186,10 @@ def main() -> None:
         write_predictor(tmp)
     files, size = prune(EXPORT_CACHE, {path.relative_to(EXPORT_CACHE).parts[0] for path in used}, used)
     log.info("%s: %d files, %.1f MB (only these backbones' and test images')", EXPORT_CACHE, files, size / 1e6)
-    write_json_atomic(EXPORT_METRICS, metrics)
+    # On request, so its headline names the model it exported (dvc.lock's md5 of models/model.safetensors):
+    # no view shows it as measured on an experiment's model when it was not.
+    write_json_atomic(EXPORT_SUMMARY, {**metrics, "model_md5": file_sha256(MODEL, "md5")})
+    write_json_atomic(EXPORT_METRICS, {"int8": metrics.get("int8_shipped", 0), "md5": short_md5(MODEL)})
     log.info("%s (epoch %d) exported to %s: model.onnx%s, model.json, predict.py (python predict.py PATH...)",
              checkpoint.backbone, checkpoint.epoch, EXPORT_DIR,
              ", model.int8.onnx" if metrics.get("int8_shipped") else "")

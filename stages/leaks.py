@@ -48,7 +48,7 @@ def main() -> None:
     write_csv_atomic(LEAK_PAIRS_CSV, pairs)
     summary = leak_summary(pairs, params.threshold)
     write_json_atomic(LEAKS_SUMMARY, summary)
-    write_json_atomic(LEAKS_JSON, {"near_duplicates": summary["near_duplicates"]})  # pairs
+    write_json_atomic(LEAKS_JSON, {"leaks": summary["near_duplicates"]})  # pairs; a short name: `dvc metrics show`
     draw_pairs(pairs, params.pictures)
     if len(pairs):
         log.warning("%d image pairs across splits look like near-duplicates (similarity >= %g), %d test images among "

@@ -1,15 +1,16 @@
 """Stage `suspects`: which labels of train and val are probably wrong, and how many.
 
 A head trained on all the images has fitted their labels, wrong ones included, so its own losses
-miss the mislabelled images it memorised (evaluate's top_losses.csv is that in-sample view).
-Here heads train in `suspects.folds` folds over train + val on the cached features of the
-pretrained backbone, with the run's head settings, and each image is scored by the head that did
+miss the mislabelled images it memorised. Here heads train in `suspects.folds` folds over train +
+val on the cached features of the pretrained backbone, with their own settings (the `suspects`
+params: no train or model param reruns this audit), and each image is scored by the head that did
 not see it; confident learning (lib/suspects.py) then estimates how many labels are wrong per
 class pair and ranks the images most probably mislabelled. The features are the pretrained
-backbone's whatever the strategy (a fine-tuned backbone's would need a network pass per fold):
-the log and metrics/suspects.json say so. Costs seconds: the heads train on cached features.
+backbone's whatever the strategy (a fine-tuned backbone's would need a network pass per fold).
+Costs seconds: the heads train on cached features. An audit, run on request (audit/dvc.yaml).
 
-Writes metrics/suspects.json (the estimated number and share of wrong labels),
+Writes metrics/suspects.json (the estimated number of wrong labels, and the md5 of the index it
+audited), metrics/suspects/summary.json (the share too, the suspects listed, the folds),
 metrics/suspects/suspects.csv (ranked: path, split, given label, suggested label, the out-of-fold
 probability of each), metrics/suspects/label_errors.csv (the estimate per given/true pair) and
 metrics/suspects/suspects.png (the most suspect images).
@@ -24,11 +25,19 @@ import pandas as pd
 
 from stages.lib.cli import run_stage
 from stages.lib.features import read_features
-from stages.lib.files import write_csv_atomic, write_json_atomic
+from stages.lib.files import file_sha256, short_md5, write_csv_atomic, write_json_atomic
 from stages.lib.folds import out_of_fold_probabilities
 from stages.lib.index_table import read_classes
 from stages.lib.params import load_params
-from stages.lib.paths import RAW_DIR, SUSPECTS_CSV, SUSPECTS_METRICS, SUSPECTS_PAIRS_CSV, SUSPECTS_PNG
+from stages.lib.paths import (
+    INDEX_CSV,
+    RAW_DIR,
+    SUSPECTS_CSV,
+    SUSPECTS_METRICS,
+    SUSPECTS_PAIRS_CSV,
+    SUSPECTS_PNG,
+    SUSPECTS_SUMMARY,
+)
 from stages.lib.plots import save_image_grid
 from stages.lib.suspects import estimated_label_errors, label_suspects
 
@@ -80,7 +89,7 @@ def main() -> None:
     split, paths, splits = train_and_val()
     labels = split["labels"]
     warn_of_small_classes(labels, classes, params.suspects.folds)
-    probs, folds = out_of_fold_probabilities(split, params, params.suspects.folds, len(classes))
+    probs, folds = out_of_fold_probabilities(split, params, len(classes))
     errors = estimated_label_errors(probs, labels, len(classes))
     wrong = float(errors.sum() - np.trace(errors))
     table = suspects_table(probs, labels, paths, splits, classes)
@@ -93,13 +102,16 @@ def main() -> None:
                          shown["probability_suggested"])],
                     ["tab:red"] * len(shown), SUSPECTS_PNG,
                     f"label suspects: {len(table)} images, about {wrong:.0f} labels estimated wrong (out-of-fold)")
-    write_json_atomic(SUSPECTS_METRICS, {"label_errors_estimated": round(wrong, 1),
+    # An audit runs on request: its headline names the index it audited, so that no view shows it as
+    # measured on an experiment's data when it was not (dvc.lock's md5 of data/index.csv).
+    write_json_atomic(SUSPECTS_SUMMARY, {"label_errors_estimated": round(wrong, 1),
                                          "label_error_share": round(wrong / len(labels), 4),
-                                         "suspects": int(len(table))})
-    log.info("%d-fold heads on the pretrained backbone's cached features (train + val, %d images%s): about %.0f "
-             "labels (%.1f%%) estimated wrong; %d suspects, most suspect first, in %s", folds, len(labels),
-             "" if params.strategy == "frozen" else f"; strategy {params.strategy} may fine-tune the backbone, these "
-             "are the pretrained one's", wrong, 100 * wrong / len(labels), len(table), SUSPECTS_CSV)
+                                         "suspects": int(len(table)), "folds": folds,
+                                         "index_md5": file_sha256(INDEX_CSV, "md5")})
+    write_json_atomic(SUSPECTS_METRICS, {"mislabelled": round(wrong, 1), "md5": short_md5(INDEX_CSV)})
+    log.info("%d-fold heads on the pretrained backbone's cached features (train + val, %d images): about %.0f "
+             "labels (%.1f%%) estimated wrong; %d suspects, most suspect first, in %s", folds, len(labels), wrong,
+             100 * wrong / len(labels), len(table), SUSPECTS_CSV)
 
 
 if __name__ == "__main__":

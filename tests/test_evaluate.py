@@ -96,15 +96,9 @@ def test_evaluate_writes_metrics_predictions_and_pictures(tiny_project, tta):
 
     confusion = pd.read_csv(root / "metrics/eval/confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test_rows)
-    suspects = pd.read_csv(root / "metrics/eval/top_losses.csv")
-    assert len(suspects) == min(100, int(index.split.isin(["train", "val"]).sum()))
-    assert set(suspects.split) <= {"train", "val"} and suspects.loss.is_monotonic_decreasing
-    given = index.set_index("path").loc[suspects.path, "class"].to_numpy()
-    assert (suspects.given.to_numpy() == given).all()
-    assert suspects.loss.to_numpy() == pytest.approx(-np.log(suspects.probability_given.to_numpy()), abs=1e-4)
-    for picture in ("predictions.png", "misclassified.png", "confusion.png", "curves.png", "reliability.png",
-                    "top_losses.png"):
+    for picture in ("predictions.png", "misclassified.png", "confusion.png", "curves.png", "reliability.png"):
         assert (root / "metrics/eval" / picture).read_bytes().startswith(b"\x89PNG")
+    assert not (root / "metrics/eval/top_losses.csv").exists()  # the audit's suspects, out of fold, do that job
 
 
 def test_a_frozen_model_is_scored_on_cached_features_as_on_images(tiny_project, caplog):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
+import pandas as pd
 import pytest
 
 from stages import export, export_backbone, latency
@@ -22,10 +24,14 @@ def test_every_shipped_engine_is_timed(trained_copy, caplog, int8):
         latency.main()
     speed = json.loads((root / "metrics/latency.json").read_text())
     engines = ["torch_fp32", "onnx_fp32"] + (["onnx_int8"] if int8 else [])
-    assert set(speed) == {"threads", "input_size", "other_threads_running", "machine_busy"} | {
+    assert set(speed) == {"threads", "input_size", "other_threads_running", "machine_busy", "model_md5"} | {
         f"{engine}_{what}" for engine in engines for what in ("latency_ms_median", "latency_ms_p90",
                                                               "images_per_s_batch32")}
     assert speed["other_threads_running"] >= 0 and isinstance(speed["machine_busy"], bool)
+    assert speed["model_md5"] == hashlib.md5((root / "models/model.safetensors").read_bytes()).hexdigest()
+    engines_csv = pd.read_csv(root / "metrics/latency/engines.csv")  # DVC's plot of it
+    assert engines_csv.engine.tolist() == engines
+    assert engines_csv.latency_ms_median.tolist() == [speed[f"{e}_latency_ms_median"] for e in engines]
     assert speed["threads"] >= 1 and speed["input_size"] == json.loads(
         (root / "models/export/model.json").read_text())["input_size"]
     for engine in engines:

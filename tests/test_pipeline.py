@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,10 +46,18 @@ def output(args: list[str], cwd: Path, env: dict) -> str:
 NUMERIC_CLASSES = ("0", "1", "10", "02")
 # The check stage always runs (it fingerprints a local data folder), so DVC calls it changed.
 UP_TO_DATE = {"check": ["always changed"]}
+LOOP = ["check", "download", "index", "weights", "features", "leaks", "train", "evaluate"]
+RELEASE = ["export_backbone", "export", "latency"]
+AUDIT = ["suspects", "heatmaps"]
+
+
+def width(text: str) -> int:
+    return max(len(line.rstrip()) for line in text.splitlines())
 
 
 def stages_run(text: str) -> list[str]:
-    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
+    """The stages a DVC command ran, by name (`release/dvc.yaml:export` as `export`)."""
+    return [line.split("'")[1].split(":")[-1] for line in text.splitlines() if line.startswith("Running stage")]
 
 
 def project_env(mirror: Path) -> dict:
@@ -83,7 +92,8 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
     base = tmp_path_factory.mktemp("e2e")
     work, mirror, source = base / "project", base / "mirror", base / "source"
     work.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "release/dvc.yaml", "audit/dvc.yaml", "params.yaml"):
+        (work / name).parent.mkdir(exist_ok=True)
         shutil.copy(PROJECT_ROOT / name, work / name)
     shutil.copytree(PROJECT_ROOT / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     # Classes named by numbers, as digits' folders are: the strings "0", "1", "10" and "02" throughout
@@ -109,7 +119,7 @@ def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
                  ["dvc", "config", "cache.type", project_cache_type()], ["git", "add", "-A"],
                  ["git", "commit", "-qm", "project"]):
         run(args, work, env)
-    first = output(["dvc", "repro"], work, env)
+    first = output(["dvc", "repro", "--all-pipelines"], work, env)  # what `make run` does
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline"], work, env)
     return work, env, first
@@ -126,20 +136,28 @@ def project_copy(reproduced, tmp_path) -> tuple[Path, dict]:
 def test_repro_runs_every_stage_once_then_nothing(reproduced):
     work, env, first = reproduced
     assert "using offline copy" in first and "tiny_data.zip" in first
-    assert stages_run(first) == ["check", "download", "index", "weights", "features", "leaks", "suspects", "train",
-                                 "evaluate", "heatmaps", "export_backbone", "export", "latency"]
+    ran = stages_run(first)
+    assert sorted(ran) == sorted(LOOP + RELEASE + AUDIT) and ran[:2] == ["check", "download"], ran
     assert json.loads((work / "metrics/leaks/summary.json").read_text())["threshold"] == 0.82
     summary = json.loads((work / "metrics/index/summary.json").read_text())
     assert summary["counts"]["test"]["total"] == 12 and summary["images"] == 32
-    assert json.loads((work / "metrics/data.json").read_text()) == {"images": 32, "classes": 4, "skipped": 0}
+    assert json.loads((work / "metrics/data.json").read_text()) == {"images": 32}
     assert json.loads((work / "metrics/eval/summary.json").read_text())["images"] == 12
     assert set(json.loads((work / "metrics/eval.json").read_text())) == {"accuracy", "macro_f1", "ece"}
     assert set(json.loads((work / "metrics/train.json").read_text())) == {"val_accuracy"}
-    assert set(json.loads((work / "metrics/leaks.json").read_text())) == {"near_duplicates"}
-    assert {"int8_shipped", "int8_agreement"} <= set(json.loads((work / "metrics/export.json").read_text()))
-    assert "onnx_fp32_latency_ms_median" in json.loads((work / "metrics/latency.json").read_text())
+    assert set(json.loads((work / "metrics/leaks.json").read_text())) == {"leaks"}
+    # The on-demand stages' headline metrics name the model or the index they describe.
+    model_md5 = hashlib.md5((work / "models/model.safetensors").read_bytes()).hexdigest()
+    index_md5 = hashlib.md5((work / "data/index.csv").read_bytes()).hexdigest()
+    assert json.loads((work / "metrics/export.json").read_text()) == {"int8": 1, "md5": model_md5[:7]}
+    assert json.loads((work / "metrics/suspects.json").read_text())["md5"] == index_md5[:7]
+    assert json.loads((work / "metrics/export/summary.json").read_text())["model_md5"] == model_md5
+    latency = json.loads((work / "metrics/latency.json").read_text())  # a plain output: timings are not metrics
+    assert "onnx_fp32_latency_ms_median" in latency and latency["model_md5"] == model_md5
+    shown = output(["dvc", "metrics", "show"], work, env)
+    assert width(shown) <= 120 and "latency" not in shown and "metrics/export.json" in shown, shown
     assert json.loads(output(["dvc", "status", "--json"], work, env)) == UP_TO_DATE
-    again = output(["dvc", "repro"], work, env)
+    again = output(["dvc", "repro", "--all-pipelines"], work, env)
     assert stages_run(again) == ["check"] and "didn't change, skipping" in again
     classes_are_text_everywhere(work, env, work / "data/raw/tiny_data/val", 12)
 
@@ -178,10 +196,10 @@ def test_a_labels_csv_of_integer_labels_runs_every_stage(project_copy, reproduce
     params["data"]["url"] = str(folder)
     params["index"]["labels"] = "labels.csv"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    repro = output(["dvc", "repro"], work, env)
+    repro = output(["dvc", "repro", "--all-pipelines"], work, env)
     assert {"index", "features", "suspects", "train", "evaluate", "heatmaps", "export", "latency"} <= set(
         stages_run(repro)), repro
-    assert json.loads((work / "metrics/data.json").read_text())["classes"] == 4
+    assert json.loads((work / "metrics/index/summary.json").read_text())["classes"] == 4
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "a labels CSV"], work, env)
     classes_are_text_everywhere(work, env, folder, len(rows) - 1)
@@ -236,16 +254,20 @@ def test_a_folder_source_reruns_download_when_its_content_changes_and_commits_co
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "a folder source"], work, env)
     assert stages_run(output(["dvc", "repro"], work, env)) == ["check"]
-    # A photo added to the folder reruns download and everything after it.
+    # A photo added to the folder reruns the experiment loop's stages after download, and only those:
+    # shipping and audits wait to be asked for.
     write_gradient_image(folder / "tiny_data/train/02/new.png", (120, 200, 30))
-    assert stages_run(output(["dvc", "repro", "index"], work, env)) == ["check", "download", "index"]
+    assert stages_run(output(["dvc", "repro"], work, env)) == [
+        "check", "download", "index", "features", "leaks", "train", "evaluate"]
     assert json.loads((work / "metrics/data.json").read_text())["images"] == 33
     assert all(path.stat().st_ino == inode for path, inode in inodes.items())  # kept, not copied again
     added = work / "data/raw/tiny_data/train/02/new.png"
     assert added.stat().st_nlink == 2 and not added.stat().st_mode & 0o222  # the cache's file (cache.type hardlink)
     assert all(path.stat().st_nlink == 1 and path.stat().st_mode & 0o200 for path in photos)
     assert cache_objects_hold_their_hashes(work)
-    assert {"features", "train"} <= set(json.loads(output(["dvc", "status", "--json"], work, env)))
+    assert set(json.loads(output(["dvc", "status", "--json"], work, env))) == {
+        "check", "release/dvc.yaml:export", "release/dvc.yaml:latency", "audit/dvc.yaml:suspects",
+        "audit/dvc.yaml:heatmaps"}
     # Metrics are git-tracked, so commits compare without a DVC remote.
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "one more photo"], work, env)
@@ -348,16 +370,16 @@ def test_experiments_rerun_only_what_their_params_reach_and_queued_ones_share_th
     # The baseline ran on every core; train.workers 0 there.
     baseline = json.loads((reproduced[0] / "metrics/train/time.json").read_text())
     assert baseline["threads"] == len(os.sched_getaffinity(0)) and baseline["loader_workers"] == 0
-    # Two experiments queued, run side by side by two workers on one core each, up to evaluate (the
-    # stages after it would only lengthen the test). A train param reruns train, a frozen model
-    # reusing the cached features (strategy=finetune trains the network: the train tests cover it).
-    # The checkpoint records every param, so train.workers too reruns what follows train.
+    # Two experiments queued, run side by side by two workers on one core each: the experiment loop,
+    # dvc.yaml. A train param reruns train and evaluate, a frozen model reusing the cached features
+    # (strategy=finetune trains the network: the train tests cover it); not the audit's suspects,
+    # whose heads have their own settings, nor the export. The checkpoint records every param, so
+    # train.workers too reruns what follows train.
     after_train = ["check", "train", "evaluate"]
     queued = {"try-lr": (["train.lr=0.003", "train.workers=2"], after_train),
               "more-workers": (["train.workers=3"], after_train)}
     for name, (settings, _) in queued.items():
-        run(["dvc", "exp", "run", "--queue", *[a for s in settings for a in ("-S", s)], "-n", name, "evaluate"],
-            work, env)
+        run(["dvc", "exp", "run", "--queue", *[a for s in settings for a in ("-S", s)], "-n", name], work, env)
     # The workers it starts inherit its stdout and stderr and live on for up to 10 s after the queue
     # empties: captured output would be waited for until they end.
     started = subprocess.run(["dvc", "queue", "start", "--jobs", "2"], cwd=work, env={**env, "OMP_NUM_THREADS": "1"},
@@ -392,7 +414,17 @@ def test_experiments_rerun_only_what_their_params_reach_and_queued_ones_share_th
         output(["dvc", "exp", "show", "--csv", "--no-pager"], work, env)))}
     assert {"eval-batch", "try-lr", "more-workers"} <= set(rows)
     assert rows["try-lr"]["train.lr"] == "0.003" and rows["more-workers"]["train.workers"] == "3"
-    assert "accuracy" in rows["try-lr"] and "strategy" in rows["try-lr"]
+    assert rows["try-lr"]["accuracy"] not in ("", "-") and "strategy" in rows["try-lr"]
+    # `make exp-show` in 120 columns: the changed param and the test accuracy, and no figure of an
+    # on-demand stage (export, suspects) that these experiments did not run.
+    drop = re.search(r"--drop '([^']*)'", (PROJECT_ROOT / "Makefile").read_text()).group(1)
+    shown = subprocess.run(["dvc", "exp", "show", "--only-changed", "--drop", drop, "--no-pager"], cwd=work,
+                           env={**env, "COLUMNS": "120"}, capture_output=True, text=True).stdout
+    header = shown.splitlines()[1]
+    assert width(shown) <= 120 and "train.lr" in header and " accuracy " in header, shown
+    assert not {"int8", "md5", "mislabelled"} & set(header.replace("│", " ").split()), shown
+    every = json.loads(output(["dvc", "exp", "show", "--json"], work, env))
+    assert any("metrics/export.json" in json.dumps(row) for row in every)  # there, but dropped from the view
 
 
 def test_push_clone_pull_then_nothing_to_reproduce(project_copy):

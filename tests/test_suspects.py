@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_clean_labels_give_few_suspects():
 
 def test_the_stage_puts_flipped_labels_first(tiny_project):
     # a head that learns the tiny colours: enough epochs at a high rate
-    root = tiny_project(strategy="frozen", train={"head_epochs": 40, "lr": 0.05, "label_smoothing": 0.0})
+    root = tiny_project(strategy="frozen", suspects={"epochs": 40, "lr": 0.05, "label_smoothing": 0.0})
     train = read_features("train", in_memory=True)
     classes = json.loads((root / "data/classes.json").read_text())
     flipped = [0, 3]
@@ -72,8 +73,12 @@ def test_the_stage_puts_flipped_labels_first(tiny_project):
     first = table.iloc[0]
     assert first.split == "train" and first.given != first.suggested and first.suggested in classes
     assert first.probability_given < 0.5 < first.probability_suggested
-    metrics = json.loads((root / "metrics/suspects.json").read_text())
-    assert metrics["suspects"] == len(table) and metrics["label_errors_estimated"] >= 1
+    summary = json.loads((root / "metrics/suspects/summary.json").read_text())
+    assert summary["suspects"] == len(table) and summary["label_errors_estimated"] >= 1
+    headline = json.loads((root / "metrics/suspects.json").read_text())  # what `dvc metrics show` prints
+    index_md5 = hashlib.md5((root / "data/index.csv").read_bytes()).hexdigest()
+    assert headline == {"mislabelled": summary["label_errors_estimated"], "md5": index_md5[:7]}
+    assert summary["index_md5"] == index_md5 and 2 <= summary["folds"] <= 5  # the folds that held images
     pairs = pd.read_csv(root / "metrics/suspects/label_errors.csv")
     assert len(pairs) == len(classes) * (len(classes) - 1)
     assert (root / "metrics/suspects/suspects.png").stat().st_size > 0
@@ -84,7 +89,7 @@ def test_more_folds_than_images_train_and_log_only_the_folds_used(tiny_project, 
 
     from stages.lib import folds
 
-    root = tiny_project(strategy="frozen", suspects={"folds": 100}, train={"head_epochs": 2})
+    root = tiny_project(strategy="frozen", suspects={"folds": 100, "epochs": 2})
     images = sum(len(read_features(split, in_memory=True)["labels"]) for split in ("train", "val"))
     per_class = np.bincount(np.concatenate([read_features(s, in_memory=True)["labels"] for s in ("train", "val")]))
     classes = json.loads((root / "data/classes.json").read_text())

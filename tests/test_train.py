@@ -727,7 +727,7 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
     from stages.lib.classifier import make_head
     from stages.lib.features import OnDisk, read_features
     from stages.lib.params import load_params
-    from stages.lib.training import Run, fit_head
+    from stages.lib.training import Run, fit_head, head_settings
 
     params = load_params()
     params = params.model_copy(update={"train": params.train.model_copy(update={"head_batch_size": 4})})
@@ -742,7 +742,7 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
         torch.manual_seed(0)
         head = make_head(train["features"].shape[-1], 2, "linear", 0, 0.2)
         run = Run(params, torch.device("cpu"), 2)
-        epochs = [epoch.result.val_loss for epoch in fit_head(head, train, val, run, 1)]
+        epochs = [epoch.result.val_loss for epoch in fit_head(head, train, val, run, 1, head_settings(params))]
         return head.state_dict(), epochs
 
     on_disk, on_disk_losses = trained(False)
@@ -761,21 +761,23 @@ def test_the_head_trains_batch_by_batch_from_disk_as_from_memory(trained_copy, m
 
 
 def test_the_head_trains_whole_epochs_up_to_head_max_steps_its_schedule_over_them():
-    from stages.lib.classifier import make_head
-    from stages.lib.training import Run, fit_head, head_epochs_for
+    from dataclasses import replace
 
-    settings = params_with_train(head_epochs=30, head_batch_size=32, head_max_steps=10_000).train
+    from stages.lib.classifier import make_head
+    from stages.lib.training import Run, fit_head, head_epochs_for, head_settings
+
+    settings = head_settings(params_with_train(head_epochs=30, head_batch_size=32, head_max_steps=10_000))
     # hymenoptera, TrashNet and blood cells (plain and mirrored views) keep their 30 epochs
     assert [head_epochs_for(settings, 2 * images) for images in (245, 1516, 1200)] == [30, 30, 30]
     assert head_epochs_for(settings, 24_000) == 13  # 750 steps an epoch: 9,750 of the 10,000
     assert head_epochs_for(settings, 400_000) == 1  # never none
-    assert head_epochs_for(settings.model_copy(update={"head_epochs": 4}), 24_000) == 4
+    assert head_epochs_for(replace(settings, epochs=4), 24_000) == 4
 
     split = random_feature_split(100, 2, 8)
     capped = params_with_train(head_epochs=30, head_batch_size=10, head_max_steps=45, scheduler="cosine")
     torch.manual_seed(0)
     epochs = [epoch.result for epoch in fit_head(make_head(8, 2, "linear", 0, 0.2), split, split,
-                                                  Run(capped, torch.device("cpu"), 2), 1)]
+                                                  Run(capped, torch.device("cpu"), 2), 1, head_settings(capped))]
     assert [e.epoch for e in epochs] == [1, 2]  # 20 steps an epoch: two fit in 45
     # the cosine spans the two epochs, not thirty: halfway down at the second
     assert epochs[1].lr == pytest.approx(capped.train.lr / 2)
@@ -797,8 +799,8 @@ def test_the_head_trains_on_one_torch_thread_so_its_bits_do_not_depend_on_the_co
     def trained() -> tuple[dict, list]:
         torch.manual_seed(0)
         head = make_head(256, 6, "linear", 0, 0.2)
-        scores = [e.result for e in training.fit_head(head, split, split, training.Run(params, torch.device("cpu"), 6),
-                                                      1)]
+        run = training.Run(params, torch.device("cpu"), 6)
+        scores = [e.result for e in training.fit_head(head, split, split, run, 1, training.head_settings(params))]
         return head.state_dict(), scores
 
     before = torch.get_num_threads()

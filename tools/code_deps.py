@@ -1,9 +1,10 @@
 """Each stage's code deps: the project files its module imports, transitively (imports inside
 functions included), less the launch plumbing, which cannot change what a stage writes.
 
-dvc.yaml lists exactly these after each stage's data deps (tests/test_dvc_yaml.py checks it), so
-an edited module reruns every stage that uses it, and only those. `make deps` writes them into
-dvc.yaml; `python -m tools.code_deps` prints them.
+Each pipeline file (PIPELINES: the experiment loop, shipping, audits) lists exactly these after
+each stage's data deps (tests/test_dvc_yaml.py checks it), so an edited module reruns every stage
+that uses it, and only those. `make deps` writes them into the pipeline files; `python -m
+tools.code_deps` prints them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "stages"
+PIPELINES = ("dvc.yaml", "release/dvc.yaml", "audit/dvc.yaml")  # the loop, shipping, audits
 # How a stage starts and reports a bad input (one line, an exit status): nothing here may decide
 # what a stage writes.
 PLUMBING = {"stages/__init__.py", "stages/__main__.py", "stages/lib/__init__.py", "stages/lib/cli.py"}
@@ -92,7 +94,8 @@ if __name__ == "__main__":
     from stages.__main__ import STAGES
 
     if sys.argv[1:] == ["--write"]:
-        write_into_pipeline(ROOT / "dvc.yaml")
+        for pipeline in PIPELINES:
+            write_into_pipeline(ROOT / pipeline)
     else:
         for stage in STAGES:
             print(f"{stage}: {', '.join(stage_code_deps(stage))}")

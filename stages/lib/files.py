@@ -157,13 +157,22 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def file_sha256(path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks: archives may be gigabytes."""
-    digest = hashlib.sha256()
+def file_sha256(path, algorithm: str = "sha256") -> str:
+    """The sha256 (or another hashlib digest) of a file, read in 1 MiB blocks: archives may be gigabytes."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+SHORT_MD5 = 7  # hex digits, as git and `dvc exp show` shorten hashes
+
+
+def short_md5(path) -> str:
+    """The start of a file's md5, as dvc.lock records it: what an on-demand stage's headline
+    metrics name, so that a figure says which model or data it was measured on."""
+    return file_sha256(path, "md5")[:SHORT_MD5]
 
 
 @contextmanager

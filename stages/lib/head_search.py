@@ -36,29 +36,22 @@ def search_grid(lr: float, weight_decay: float) -> list[tuple[float, float]]:
     return [(lr * f, wd) for wd in decays for f in LR_FACTORS]
 
 
-def with_head_setting(run, lr: float, weight_decay: float, timing: Counter | None = None):
-    """The run with the head's learning rate and weight decay replaced (training.Run)."""
-    train = run.params.train.model_copy(update={"lr": lr, "weight_decay": weight_decay})
-    return replace(run, params=run.params.model_copy(update={"train": train}),
-                   timing=run.timing if timing is None else timing)
-
-
-def search_head(new_head, fit, run) -> list[Trial]:
-    """Every setting of the grid: `new_head()` makes a fresh head, `fit(head, run)` yields its
-    epochs (records.Epoch) as training.fit_head does. Torch's random state is as before."""
-    select_on = run.params.train.select_on
+def search_head(new_head, fit, settings, select_on: str, timing: Counter) -> list[Trial]:
+    """Every setting of the grid around `settings` (training.HeadSettings): `new_head()` makes a
+    fresh head, `fit(head, settings, timing)` yields its epochs (records.Epoch) as training.fit_head
+    does, its seconds kept apart from the head phase's. Torch's random state is as before."""
     started = time.perf_counter()
     trials = []
     with torch.random.fork_rng(devices=[]):
         state = torch.get_rng_state()
-        for lr, weight_decay in search_grid(run.params.train.lr, run.params.train.weight_decay):
+        for lr, weight_decay in search_grid(settings.lr, settings.weight_decay):
             torch.set_rng_state(state)  # each trial starts where the head phase will
             best = None
-            for epoch in fit(new_head(), with_head_setting(run, lr, weight_decay, Counter())):
+            for epoch in fit(new_head(), replace(settings, lr=lr, weight_decay=weight_decay), Counter()):
                 if epoch.result.beats(best, select_on):
                     best = epoch.result
             trials.append(Trial(lr, weight_decay, best))
-    run.timing["head_search"] += time.perf_counter() - started
+    timing["head_search"] += time.perf_counter() - started
     return trials
 
 

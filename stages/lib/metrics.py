@@ -108,22 +108,6 @@ def class_curves(probs: np.ndarray, y_true: np.ndarray) -> dict[int, dict]:
     return curves
 
 
-def top_losses(rows: pd.DataFrame, probs: np.ndarray, classes: list[str], count: int) -> pd.DataFrame:
-    """The `count` images with the highest loss (-log of the probability of their given label),
-    highest first: where a wrong label, or a hard image, is likeliest (fastai's "top losses")."""
-    given = given_probabilities(probs, rows["label"].to_numpy())
-    table = pd.DataFrame({
-        "path": rows["path"].to_numpy(),
-        "split": rows["split"].to_numpy(),
-        "given": rows["class"].to_numpy(),
-        "predicted": [classes[i] for i in probs.argmax(1).tolist()],
-        "probability_predicted": probs.max(1).round(6),
-        "probability_given": given.round(6),
-        "loss": -np.log(np.maximum(given, 1e-12)).round(6),
-    })
-    return table.sort_values(["loss", "path"], ascending=[False, True]).head(count).reset_index(drop=True)
-
-
 def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Every (true, predicted) pair of different classes with mistakes, the commonest first, with
     the share of the true class's test images it takes."""

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from stages.lib.params import TrainParams
 
-
-def build_optimizer(groups: list[dict], params: TrainParams) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], params) -> torch.optim.Optimizer:
+    """`params`: the train params, or a head's settings (training.HeadSettings): optimizer,
+    momentum and weight_decay."""
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=params.momentum, weight_decay=params.weight_decay)
     if params.optimizer == "adam":
@@ -31,7 +31,8 @@ def one_cycle(total: int, warmup: float = 0.25, start: float = 0.04):
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int, epochs: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, params, steps_per_epoch: int, epochs: int):
+    """`params`: as build_optimizer's; scheduler, step_size and gamma."""
     total = steps_per_epoch * epochs
     if params.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, params.step_size * steps_per_epoch, params.gamma)

@@ -174,7 +174,17 @@ class EvaluateParams(Strict):
 
 
 class SuspectsParams(Strict):
+    """The out-of-fold heads' own settings: an audit of the data, so no train or model param
+    reruns it."""
     folds: Annotated[StrictInt, Field(ge=2)]
+    epochs: Annotated[StrictInt, Field(ge=1)]
+    max_steps: Annotated[StrictInt, Field(ge=1)]
+    batch_size: Annotated[StrictInt, Field(ge=1)]
+    lr: PositiveFloat
+    weight_decay: Annotated[Number, Field(ge=0)]
+    dropout: Annotated[Number, Field(ge=0, lt=1)]
+    label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
+    seed: StrictInt
 
 
 class ExportParams(Strict):

@@ -29,7 +29,7 @@ CURVES_PNG = LIVE_DIR / "learning_curves.png"
 HEAD_SEARCH_CSV = LIVE_DIR / "head_search.csv"  # the head settings tried (lib/head_search.py)
 TIME_JSON = LIVE_DIR / "time.json"  # seconds per kind of work, threads; not in metrics.json, which is reproducible
 
-LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicates across splits: their count
+LEAKS_JSON = Path("metrics/leaks.json")  # near-duplicate pairs across splits: their count (leaks)
 LEAKS_SUMMARY = Path("metrics/leaks/summary.json")  # and the threshold, the images of each split in a pair
 LEAK_PAIRS_CSV = Path("metrics/leaks.csv")
 LEAK_PAIRS_PNG = Path("metrics/leaks/pairs.png")
@@ -46,20 +46,21 @@ PER_CLASS_CSV = EVAL_DIR / "per_class.csv"  # precision, recall, F1, support, RO
 CONFUSED_PAIRS_CSV = EVAL_DIR / "confused_pairs.csv"
 PREDICTIONS_HEATMAPS_PNG = EVAL_DIR / "predictions_heatmaps.png"  # where the model looks, in GRID_PNG's images
 MISCLASSIFIED_HEATMAPS_PNG = EVAL_DIR / "misclassified_heatmaps.png"
-TOP_LOSSES_CSV = EVAL_DIR / "top_losses.csv"  # train and val images the model disagrees with most: label suspects
-TOP_LOSSES_PNG = EVAL_DIR / "top_losses.png"
-SUSPECTS_METRICS = Path("metrics/suspects.json")  # how many labels are estimated wrong
+SUSPECTS_METRICS = Path("metrics/suspects.json")  # how many labels are estimated wrong, and the index's md5
 SUSPECTS_DIR = Path("metrics/suspects")
 SUSPECTS_CSV = SUSPECTS_DIR / "suspects.csv"  # the images whose label is probably wrong, most suspect first
 SUSPECTS_PAIRS_CSV = SUSPECTS_DIR / "label_errors.csv"  # estimated wrong labels per (given, true) class pair
 SUSPECTS_PNG = SUSPECTS_DIR / "suspects.png"
+SUSPECTS_SUMMARY = SUSPECTS_DIR / "summary.json"  # the estimate's detail, and the index it audited
 RELIABILITY_CSV = EVAL_DIR / "reliability.csv"
 RELIABILITY_PNG = EVAL_DIR / "reliability.png"
 CLASS_CURVES_PNG = EVAL_DIR / "curves.png"  # one-vs-rest ROC and precision-recall
 
 EXPORT_DIR = Path("models/export")
-EXPORT_METRICS = Path("metrics/export.json")  # INT8 against fp32 on the test split
-LATENCY_METRICS = Path("metrics/latency.json")  # each engine's speed on the machine that ran the stage
+EXPORT_METRICS = Path("metrics/export.json")  # whether INT8 shipped, and the exported model's md5
+EXPORT_SUMMARY = Path("metrics/export/summary.json")  # fp32 and INT8 test scores, their agreement, the model's md5
+LATENCY_JSON = Path("metrics/latency.json")  # each engine's speed on the machine that ran the stage: not a metric
+LATENCY_CSV = Path("metrics/latency/engines.csv")  # the same, a row per engine: a DVC plot
 # The exported backbones' outputs on each test image, kept between runs (persist: true)
 EXPORT_CACHE = Path("data/cache/export")
 BACKBONE_EXPORT_DIR = Path("models/backbone_export")  # the pretrained backbone alone, for export to reuse

@@ -27,12 +27,12 @@ from stages.lib.cli import UserError
 from stages.lib.data import EpochSampler, ImageDataset, decode_size, eval_transform, make_loader, train_transform
 from stages.lib.features import read_head_features, split_probabilities
 from stages.lib.head import feature_probabilities, head_layers
-from stages.lib.head_search import Trial, search_head, winner, with_head_setting
+from stages.lib.head_search import Trial, search_head, winner
 from stages.lib.index_table import read_classes, read_split
 from stages.lib.inference import batch_probabilities, loader_probabilities
 from stages.lib.metrics import val_scores
 from stages.lib.optim import LinearToZero, build_optimizer, build_scheduler
-from stages.lib.params import Params, TrainParams
+from stages.lib.params import Params
 from stages.lib.paths import INDEX_CSV, MODEL, PRETRAINED, features_file
 from stages.lib.preprocessing import Preprocessing
 from stages.lib.records import Epoch, EpochResult, Records, read_resume_state, run_fingerprint
@@ -82,11 +82,40 @@ class Run:
     rank: int = 0
     world_size: int = 1
     network_steps: int = 0  # optimizer steps of the whole network taken (metrics/train/metrics.json)
+    label_smoothing: float = 0.0
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        return nn.functional.cross_entropy(logits.float(), labels, weight=weight,
-                                           label_smoothing=self.params.train.label_smoothing)
+        return nn.functional.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """What fitting a head on cached features uses (fit_head): the train stage's head phase's
+    (head_settings) or the suspects stage's own params. build_optimizer and build_scheduler read
+    the fields of their names."""
+    lr: float
+    weight_decay: float
+    epochs: int
+    max_steps: int  # fewer epochs on a large dataset (head_epochs_for)
+    batch_size: int
+    label_smoothing: float
+    seed: int
+    tta: str  # how the val features are scored
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    scheduler: str = "onecycle"
+    step_size: int = 7
+    gamma: float = 0.1
+    class_weighting: str = "none"
+
+
+def head_settings(params: Params) -> HeadSettings:
+    """The train stage's head: train.lr, train.head_epochs, ... and model.tta."""
+    t = params.train
+    return HeadSettings(t.lr, t.weight_decay, t.head_epochs, t.head_max_steps, t.head_batch_size, t.label_smoothing,
+                        t.seed, params.model.tta, t.optimizer, t.momentum, t.scheduler, t.step_size, t.gamma,
+                        t.class_weighting)
 
 
 def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -108,7 +137,8 @@ def balanced_sample_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
 def make_run(params: Params, device: torch.device, train_labels: torch.Tensor, classes: int, rank: int = 0,
              world_size: int = 1) -> Run:
     weights = balanced_class_weights(train_labels, classes) if params.train.class_weighting == "balanced" else None
-    return Run(params, device, classes, weights, rank=rank, world_size=world_size)
+    return Run(params, device, classes, weights, rank=rank, world_size=world_size,
+               label_smoothing=params.train.label_smoothing)
 
 
 @dataclass
@@ -215,13 +245,14 @@ def shuffled_batches(features, labels: torch.Tensor, batch_size: int, generator:
             yield rows[start:start + batch_size], labels[items[start:start + batch_size]]
 
 
-def head_epochs_for(settings: TrainParams, vectors: int) -> int:
-    """train.head_epochs, or as many whole epochs of `vectors` as fit in train.head_max_steps when
-    that is fewer (at least one). A head's epoch costs its steps, so with epochs alone every new
-    image would lengthen each head the pipeline trains (train, the suspects' folds, the head search);
-    on a large dataset a few epochs are as many samples as many epochs of a small one."""
-    steps_per_epoch = math.ceil(vectors / settings.head_batch_size)
-    return min(settings.head_epochs, max(1, settings.head_max_steps // steps_per_epoch))
+def head_epochs_for(settings: HeadSettings, vectors: int) -> int:
+    """The head's epochs (train.head_epochs), or as many whole epochs of `vectors` as fit in its
+    max_steps (train.head_max_steps) when that is fewer (at least one). A head's epoch costs its
+    steps, so with epochs alone every new image would lengthen each head the pipeline trains (train,
+    the suspects' folds, the head search); on a large dataset a few epochs are as many samples as
+    many epochs of a small one."""
+    steps_per_epoch = math.ceil(vectors / settings.batch_size)
+    return min(settings.epochs, max(1, settings.max_steps // steps_per_epoch))
 
 
 @contextmanager
@@ -239,16 +270,16 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int):
+def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int, settings: HeadSettings):
     """Train the head on cached features, on one torch thread; yields an Epoch per epoch: head
     epochs take milliseconds, so an interrupted head phase starts over rather than resuming."""
-    settings = run.params.train
+    run = replace(run, label_smoothing=settings.label_smoothing)
     views = train["features"].shape[1]
     labels = torch.from_numpy(train["labels"]).repeat_interleave(views)
     generator = torch.Generator().manual_seed(settings.seed)
     sample_weights = balanced_sample_weights(labels, run.classes) if settings.class_weighting == "sampler" else None
     optimizer = build_optimizer([{"params": head.parameters(), "lr": settings.lr}], settings)
-    steps = math.ceil(len(labels) / settings.head_batch_size)
+    steps = math.ceil(len(labels) / settings.batch_size)
     epochs = head_epochs_for(settings, len(labels))
     opt = Optimization(optimizer, build_scheduler(optimizer, settings, steps, epochs))
     for i in range(epochs):
@@ -256,10 +287,10 @@ def fit_head(head: nn.Module, train: dict, val: dict, run: Run, first_epoch: int
         started = time.perf_counter()
         head.train()
         lr = opt.lr()
-        batches = shuffled_batches(train["features"], labels, settings.head_batch_size, generator, sample_weights)
+        batches = shuffled_batches(train["features"], labels, settings.batch_size, generator, sample_weights)
         with one_torch_thread():
             train_loss, train_acc = train_one_epoch(head, batches, opt, run, epoch, on_images=False)
-        probs = feature_probabilities(head_layers(head.state_dict()), val, run.params.model.tta)
+        probs = feature_probabilities(head_layers(head.state_dict()), val, settings.tta)
         run.timing["head"] += time.perf_counter() - started
         yield Epoch(EpochResult(epoch, "head", train_loss, train_acc, *val_scores(probs, val["labels"]), lr))
 
@@ -575,34 +606,37 @@ def head_phase(model: ModelParts, records: Records, run: Run, pretrained_sha256:
     """A new head on the cached features; or, resuming, the head the interrupted run left.
     Returns the head settings tried (lib/head_search.py): the grid with train.head_search, else
     the one setting of params.yaml."""
-    params = run.params
+    params, settings = run.params, head_settings(run.params)
     train_features, val_features = read_head_features(pretrained_sha256)
     images, views, width = train_features["features"].shape
-    epochs = head_epochs_for(params.train, images * views)
-    if epochs < params.train.head_epochs:
+    epochs = head_epochs_for(settings, images * views)
+    if epochs < settings.epochs:
         log.info("the head trains %d epochs, not train.head_epochs %d: %d feature vectors, train.head_max_steps %d",
-                 epochs, params.train.head_epochs, images * views, params.train.head_max_steps)
+                 epochs, settings.epochs, images * views, settings.max_steps)
 
     def new_head() -> nn.Module:
         return make_head(width, len(records.classes), **head_config(params.model))
 
-    def fit(head: nn.Module, head_run: Run):
-        return early_stopped(fit_head(head, train_features, val_features, head_run, 1), params.train.patience,
-                             params.train.select_on)
+    def fit(head: nn.Module, trial: HeadSettings, timing: Counter):
+        return early_stopped(fit_head(head, train_features, val_features, replace(run, timing=timing), 1, trial),
+                             params.train.patience, params.train.select_on)
 
-    trials = search_head(new_head, fit, run) if params.train.head_search else []
+    trials = []
+    if params.train.head_search:
+        trials = search_head(new_head, fit, settings, params.train.select_on, run.timing)
     if trials:
         chosen = winner(trials, params.train.select_on)
         log.info("head search: lr %.3g, weight decay %.3g of %d settings (val %s %.4f, loss %.4f)", chosen.lr,
                  chosen.weight_decay, len(trials), params.train.select_on, chosen.best.score(params.train.select_on),
                  chosen.best.val_loss)
-        run = with_head_setting(run, chosen.lr, chosen.weight_decay)
+        settings = replace(settings, lr=chosen.lr, weight_decay=chosen.weight_decay)
     model.head = new_head()
     if resumed is not None:
         records.resume(resumed)
         model.load_state_dict(resumed["model"])
     else:
-        record_phase(fit_head(model.head, train_features, val_features, run, 1), records, model, params.train.patience)
+        record_phase(fit_head(model.head, train_features, val_features, run, 1, settings), records, model,
+                     params.train.patience)
         records.restore_best(model)
         probs = feature_probabilities(head_layers(model.head.state_dict()), val_features, params.model.tta)
         records.head_val_right = (probs.argmax(1) == val_features["labels"]).tolist()
