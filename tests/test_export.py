@@ -206,7 +206,7 @@ def test_the_scores_that_decide_int8_are_the_shipped_folders_own_answers(trained
     save_checkpoint(model, replace(read_checkpoint(model), temperature=0.7, tta=tta))
     export_backbone.main()
     export.main()
-    metrics = json.loads((root / "metrics/export.json").read_text())
+    metrics = json.loads((root / "metrics/export/summary.json").read_text())
     test = pd.read_csv(root / "data/index.csv").query("split == 'test'")
     folder, paths = root / "models/export", [root / "data/raw" / p for p in test["path"]]
     answers = {}
@@ -444,8 +444,9 @@ def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monk
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantised, not a renamed fp32 file
     assert any(init.data_type == onnx.TensorProto.INT8 for init in int8.graph.initializer)
     side = json.loads((folder / "model.json").read_text())
-    metrics = json.loads((root / "metrics/export.json").read_text())
+    metrics = json.loads((root / "metrics/export/summary.json").read_text())
     assert side["int8"]["shipped"] and metrics["int8_shipped"] == 1
+    assert json.loads((root / "metrics/export.json").read_text())["int8"] == 1  # the headline
     assert metrics["fp32_test_accuracy"] == json.loads((root / "metrics/eval.json").read_text())["accuracy"] \
         if (root / "metrics/eval.json").is_file() else 0 <= metrics["fp32_test_accuracy"] <= 1
     # The folder's predictor scores with it when asked
@@ -463,8 +464,9 @@ def test_int8_is_shipped_only_when_it_keeps_the_test_accuracy(trained_copy, monk
         export.main()
     assert not (folder / "model.int8.onnx").exists()
     side = json.loads((folder / "model.json").read_text())
-    metrics = json.loads((root / "metrics/export.json").read_text())
+    metrics = json.loads((root / "metrics/export/summary.json").read_text())
     assert not side["int8"]["shipped"] and metrics["int8_shipped"] == 0
+    assert json.loads((root / "metrics/export.json").read_text())["int8"] == 0
     assert metrics["int8_test_accuracy"] < metrics["fp32_test_accuracy"] - 0.005
     assert [line for line in caplog.text.splitlines() if "INT8 not shipped" in line][0].endswith(
         f"more than export.int8_tolerance 0.005; fp32 only; INT8 agrees with fp32 on "

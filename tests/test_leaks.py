@@ -80,6 +80,6 @@ def test_reencoded_resized_and_cropped_copies_are_found_distinct_photos_are_not(
     assert found == {(stem, f"{stem}_{kind}") for stem, kind, _ in planted}, pairs
     summary = json.loads((root / "metrics/leaks/summary.json").read_text())
     assert summary["near_duplicates"] == 3 and summary["images_in_pairs"] == {"train": 3, "val": 1, "test": 2}
-    assert json.loads((root / "metrics/leaks.json").read_text()) == {"near_duplicates": 3}
+    assert json.loads((root / "metrics/leaks.json").read_text()) == {"leaks": 3}
     assert "3 image pairs across splits look like near-duplicates" in caplog.text
     assert (root / "metrics/leaks/pairs.png").read_bytes().startswith(b"\x89PNG")
