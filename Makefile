@@ -29,9 +29,13 @@ audit: $(STAMP)             # the loop, then label suspects and heat maps (audit
 exp: $(STAMP)               # make exp ARGS="-S train.lr=0.003"
 	$(BIN)/dvc exp run $(ARGS)
 
-exp-show: $(STAMP)          # the experiments in 120 columns: what changed, no hash columns, and not the
-	@# on-demand metrics (export, suspects): an experiment that did not run them would show the baseline's
-	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor|data/.*|models/.*|metrics/export.json:.*|metrics/suspects.json:.*' $(ARGS)
+# `make exp-show`: the experiments in 120 columns: what changed, and the test and val accuracy even when
+# equal; no hash columns, and not the on-demand metrics (release's int8, audit's mislabelled, their md5):
+# an experiment that did not run them would show the baseline's.
+EXP_SHOW_DROP := Created|State|Executor|data/.*|models/.*|int8|mislabelled|(metrics/(export|suspects)\.json:)?md5
+EXP_SHOW_KEEP := ^accuracy$$|^val_accuracy$$
+exp-show: $(STAMP)
+	$(BIN)/dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' --keep '$(EXP_SHOW_KEEP)' $(ARGS)
 
 metrics: $(STAMP)
 	$(BIN)/dvc metrics show $(ARGS)

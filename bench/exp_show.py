@@ -13,7 +13,7 @@ there, and a second run only shows them again. It prints the natural width of th
 from __future__ import annotations
 
 import os
-import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -26,9 +26,11 @@ EXPERIMENTS = {
     "frozen-lr-3e-3": ["strategy=frozen", "train.lr=0.003"],
     "frozen-wd-0.1": ["strategy=frozen", "train.weight_decay=0.1"],
 }
-# `make exp-show`'s columns to drop: when and how an experiment ran, the hashes of the data and
-# models it changed, and the on-demand stages' metrics (the Makefile is the one place it is written).
-DROP = re.search(r"--drop '([^']*)'", Path("Makefile").read_text()).group(1)
+# `make exp-show`'s command, as make prints it (the Makefile is the one place it is written): it drops
+# when and how an experiment ran, the hashes of the data and models, and the on-demand stages' metrics.
+MAKE_EXP_SHOW = shlex.split(subprocess.run(["make", "-n", "exp-show"], capture_output=True, text=True,
+                                           check=True).stdout.strip().splitlines()[-1])
+VIEW = MAKE_EXP_SHOW[MAKE_EXP_SHOW.index("--only-changed") + 1:]
 SHOW = ["dvc", "exp", "show", "--only-changed", "--no-pager"]
 
 
@@ -54,7 +56,7 @@ def main() -> None:
         time.sleep(5)
     plain = shown(columns=10000)
     fitted = shown(columns=160)
-    readable = shown("--drop", DROP)
+    readable = shown(*VIEW)
     header = readable.splitlines()[1]
     accuracy_shown = all(" accuracy " in table.splitlines()[1] for table in (fitted, readable))
     on_request_shown = bool({"int8", "md5", "mislabelled"} & set(header.split()))
@@ -67,7 +69,7 @@ def main() -> None:
         readable.rstrip(),
         "```",
         "",
-        f"`make exp-show` is `dvc exp show --only-changed --drop '{DROP}'`. "
+        f"`make exp-show` is `dvc exp show --only-changed {shlex.join(VIEW)}`. "
         f"Plain `dvc exp show --only-changed` adds the hashes of the data and models that differ between the "
         f"rows: {width(plain)} columns unconstrained; in a 160-column terminal DVC folds those into `…` "
         f"({width(fitted)} columns, every metric and param above still shown).",
