@@ -8,7 +8,9 @@ a tolerance instead (docs/scaling.md, CI).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +42,15 @@ def main() -> int:
     if abs(accuracy - expected) > ACCURACY_TOLERANCE:
         failures.append(f"test accuracy {accuracy:.4f} is more than {ACCURACY_TOLERANCE} away from the committed "
                         f"{expected:.4f}")
+    # `make run` runs every pipeline: the release's exported folder and the audit's suspects are there,
+    # and they name the model and the index of this run.
+    model_md5 = hashlib.md5(open("models/model.safetensors", "rb").read()).hexdigest()
+    for path in ("models/export/model.onnx", "models/export/predict.py", "metrics/suspects/suspects.csv"):
+        if not os.path.isfile(path):
+            failures.append(f"{path}: missing after make run (release/dvc.yaml, audit/dvc.yaml)")
+    if json.load(open("metrics/export.json")).get("md5") != model_md5[:7]:
+        failures.append("metrics/export.json: names another model than models/model.safetensors")
+    print(f"exported folder: {sorted(os.listdir('models/export'))}")
     for failure in failures:
         print(f"ci: {failure}", file=sys.stderr)
     return 1 if failures else 0

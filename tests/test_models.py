@@ -130,8 +130,21 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
         pretrained_backbone_state("resnet18", "IMAGENET9")
 
 
-def test_weights_none_means_random_init():
+def test_weights_none_means_random_init(tiny_project, tiny_backbone_file):
+    from stages import weights
+
     assert pretrained_backbone_state("efficientnet_lite0", "none") is None
+    # The stage itself: with weights from a file, models/pretrained.pt holds them (the control) ...
+    root = tiny_project(run_features=False)
+    given = torch.load(tiny_backbone_file, weights_only=True)
+    given = given.get("state_dict", given)
+    saved = torch.load(root / "models/pretrained.pt", weights_only=True)["state_dict"]
+    assert {k for k in given if k not in saved} == {"classifier.weight", "classifier.bias"}  # the backbone alone
+    assert all(torch.equal(saved[k], given[k]) for k in saved)
+    # ... and with none it holds no weights, so train starts the backbone from random ones.
+    tiny_project(run_features=False, model={"weights": "none"})
+    weights.main()
+    assert torch.load(root / "models/pretrained.pt", weights_only=True)["state_dict"] is None
 
 
 def test_weights_stage_writes_a_tracked_file_with_preprocessing(tiny_project):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -815,3 +816,13 @@ def test_the_head_trains_on_one_torch_thread_so_its_bits_do_not_depend_on_the_co
         torch.set_num_threads(before)
     assert heads[1][1] == heads[2][1]
     assert all(torch.equal(heads[1][0][name], heads[2][0][name]) for name in heads[2][0])
+    # The control: without the cap, the same head on two threads and on one is not the same bits.
+    monkeypatch.setattr(training, "one_torch_thread", contextlib.nullcontext)
+    uncapped = {}
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            uncapped[threads] = trained()[0]
+    finally:
+        torch.set_num_threads(before)
+    assert not all(torch.equal(uncapped[1][name], uncapped[2][name]) for name in uncapped[2])
