@@ -28,8 +28,9 @@ EXPERIMENTS = {
 }
 # `make exp-show`'s command, as make prints it (the Makefile is the one place it is written): it drops
 # when and how an experiment ran, the hashes of the data and models, and the on-demand stages' metrics.
-MAKE_EXP_SHOW = shlex.split(subprocess.run(["make", "-n", "exp-show"], capture_output=True, text=True,
-                                           check=True).stdout.strip().splitlines()[-1])
+MAKE_EXP_SHOW = shlex.split(next(line for line in subprocess.run(
+    ["make", "--no-print-directory", "-n", "exp-show"], capture_output=True, text=True, check=True).stdout.splitlines()
+    if "dvc exp show" in line))
 VIEW = MAKE_EXP_SHOW[MAKE_EXP_SHOW.index("--only-changed") + 1:]
 SHOW = ["dvc", "exp", "show", "--only-changed", "--no-pager"]
 

@@ -1,4 +1,6 @@
 """The pipeline's stages, one module each, run as `python -m stages NAME`; lib/ holds what they share.
+predict, compare and sweep are commands a person runs (`python -m stages.predict`, ...), not
+stages: no pipeline file runs them.
 
 A stage process imports torch, pandas, matplotlib, ...: about a million objects, none of them
 garbage. Python's cyclic collector scanning them again and again while they are imported costs

@@ -10,11 +10,12 @@ Strategies (the top-level param `strategy`, read once by lib/training.plan_for):
             stops at the first epoch whose val score does not improve on the phase's best so far:
             where the pretrained features suffice, the head stays.
 
-The best epoch by val accuracy (ties: lower val loss) is written to models/model.safetensors each time it
-improves, atomically, so an interrupted run leaves the last good checkpoint; a killed run
-resumes from models/train_state.pt. The test split is never read here. lib/training.py does the
-work; this module adds the records: DVCLive's per-epoch plots, the head settings tried, the
-learning curves, the seconds spent, and the headline metrics (metrics/train.json).
+The best epoch by `train.select_on` on val (accuracy or macro-F1; ties: lower val loss) is written
+to models/model.safetensors each time it improves, atomically, so an interrupted run leaves the
+last good checkpoint; a killed run resumes from models/train_state.pt. The test split is never
+read here. lib/training.py does the work; this module adds the records: DVCLive's per-epoch
+plots, the head settings tried, the learning curves, the seconds spent, and the headline metrics
+(metrics/train.json).
 """
 
 from __future__ import annotations

@@ -417,8 +417,10 @@ def test_experiments_rerun_only_what_their_params_reach_and_queued_ones_share_th
     assert rows["try-lr"]["accuracy"] not in ("", "-") and "strategy" in rows["try-lr"]
     # `make exp-show` in 120 columns: the changed param and the test accuracy, and no figure of an
     # on-demand stage (export, suspects) that these experiments did not run.
-    make = subprocess.run(["make", "-n", "exp-show"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout
-    command = shlex.split(make.strip().splitlines()[-1])
+    # (under `make test`, a sub-make also prints the directories it enters and leaves)
+    make = subprocess.run(["make", "--no-print-directory", "-n", "exp-show"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True).stdout
+    command = shlex.split(next(line for line in make.splitlines() if "dvc exp show" in line))
     assert command[1:4] == ["exp", "show", "--only-changed"] and "--drop" in command and "--keep" in command
     shown = subprocess.run(["dvc", *command[1:], "--no-pager"], cwd=work, env={**env, "COLUMNS": "120"},
                            capture_output=True, text=True).stdout
