@@ -126,7 +126,7 @@ def tiny_training_params(weights: str, **overrides) -> dict:
         "features": {"views": 1, "batch_size": 16},
         "train": {"epochs": 2, "head_epochs": 3, "batch_size": 8, "workers": 0, "lr": 0.01},
         "evaluate": {"batch_size": 16, "grid_images": 4},
-        "suspects": {"folds": 3},
+        "suspects": {"folds": 3, "epochs": 3},
         "latency": {"runs": 3},
     }
     return deep_merge(params, overrides)

@@ -164,7 +164,8 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
 
 def classes_are_text_everywhere(work: Path, env: dict, images: Path, count: int) -> None:
     """Classes named by numbers stay those strings in every table the pipeline writes and reads,
-    the shipped folder's answers and the compare command included."""
+    the shipped folder's answers and the compare command included (the same names from a labels
+    CSV: tests/test_numeric_classes.py)."""
     classes = sorted(NUMERIC_CLASSES, key=lambda name: (int(name), name))  # numerically, as class ids go: 0 1 02 10
     assert json.loads((work / "data/classes.json").read_text()) == classes
     tables = {"data/index.csv": ["class"], "metrics/predictions.csv": ["true", "predicted"],
@@ -178,31 +179,6 @@ def classes_are_text_everywhere(work: Path, env: dict, images: Path, count: int)
     assert len(answers) == count and {row["predicted"] for row in answers} <= set(classes)
     compared = output([sys.executable, "-m", "stages.compare", "HEAD", "workspace"], work, env)
     assert "B - A = +0.00 points" in compared, compared
-
-
-def test_a_labels_csv_of_integer_labels_runs_every_stage(project_copy, reproduced):
-    """The same images in one folder with a labels CSV whose labels are integers (and a 02 that
-    stays "02"): the whole pipeline reruns, every class a string."""
-    work, env = project_copy
-    folder = work.parent / "flat"
-    folder.mkdir()
-    rows = ["file,label"]
-    for path in sorted((reproduced[0].parent / "source/tiny_data").rglob("*.png")):
-        name = f"{path.parent.parent.name}_{path.name}"
-        shutil.copy(path, folder / name)
-        rows.append(f"{name},{path.parent.name}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"]["url"] = str(folder)
-    params["index"]["labels"] = "labels.csv"
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    repro = output(["dvc", "repro", "--all-pipelines"], work, env)
-    assert {"index", "features", "suspects", "train", "evaluate", "heatmaps", "export", "latency"} <= set(
-        stages_run(repro)), repro
-    assert json.loads((work / "metrics/index/summary.json").read_text())["classes"] == 4
-    run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", "a labels CSV"], work, env)
-    classes_are_text_everywhere(work, env, folder, len(rows) - 1)
 
 
 def test_a_damaged_cache_heals_in_dvc_repro_and_names_each_file(project_copy):
